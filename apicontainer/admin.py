@@ -1,0 +1,142 @@
+"""
+The admin API, on its own endpoint: health, UOW states and the fail queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .auth import BearerTokens
+from .container import Container
+from .failqueue import FailedState
+from .records import UOWState
+from .responses import errorResponse, jsonResponse
+
+
+class AdminAPI:
+    """
+    The operator's Klein app.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, container: Container, tokens: BearerTokens | None = None) -> None:
+        self._container = container
+        self._tokens = tokens
+
+    def _unauthorized(self, request: IRequest) -> bytes | None:
+        if self._tokens is None or self._tokens.accepts(request.getHeader(b"authorization")):
+            return None
+        return errorResponse(
+            request,
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            www_authenticate='Bearer realm="apicontainer-admin"',
+        )
+
+    @app.route("/_health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        """
+        Alive, with the counts an operator looks at first.
+        """
+        failQueue = self._container.failQueue
+        return self._unauthorized(request) or jsonResponse(
+            request,
+            200,
+            {
+                "status": "ok",
+                "in_flight": self._container.records.inFlight,
+                "failed": {state.value: len(failQueue.list(state)) for state in FailedState},
+            },
+        )
+
+    @app.route("/_uow/<int:uowId>", methods=["GET"])
+    def uow(self, request: IRequest, uowId: int) -> bytes:
+        """
+        The state of one UOW and its last per-stash report.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        entry = self._container.failQueue.get(uowId)
+        if entry is not None:
+            return jsonResponse(request, 200, {**entry.asJSON(), "failed": True})
+        record = self._container.records.get(uowId)
+        if record is None:
+            return errorResponse(
+                request, 404, "unknown_uow", f"UOW {uowId} is neither under way, recent nor failed"
+            )
+        return jsonResponse(request, 200, {**record.asJSON(), "failed": False})
+
+    @app.route("/_failed", methods=["GET"])
+    def failed(self, request: IRequest) -> bytes:
+        """
+        The fail queue, oldest UOW first; C{?state=} filters.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        states = request.args.get(b"state", [])
+        state = None
+        if states:
+            try:
+                state = FailedState(states[0].decode("ascii", "replace"))
+            except ValueError:
+                known = ", ".join(s.value for s in FailedState)
+                return errorResponse(request, 400, "bad_state", f"state is one of: {known}")
+        entries = self._container.failQueue.list(state)
+        return jsonResponse(request, 200, {"failed": [e.asJSON() for e in entries]})
+
+    @app.route("/_failed/<int:uowId>", methods=["DELETE"])
+    async def drop(self, request: IRequest, uowId: int) -> bytes:
+        """
+        Drop a failed UOW and its spool file: it will never be retried.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        container = self._container
+        entry = container.failQueue.get(uowId)
+        if entry is None:
+            return errorResponse(request, 404, "not_failed", f"UOW {uowId} is not in the fail queue")
+        if entry.state is FailedState.retrying:
+            return errorResponse(
+                request, 409, "retrying", f"UOW {uowId} is being retried; try again when it ends"
+            )
+        await container.failQueue.drop(uowId)
+        await container.spool.delete(uowId)
+        container.records.mark(uowId, UOWState.dropped)
+        self.log.warn("UOW {uow} dropped by an operator", uow=uowId, key=entry.key)
+        record: dict[str, Any] = {**entry.asJSON(), "state": UOWState.dropped.value}
+        return jsonResponse(request, 200, record)
+
+    @app.handle_errors(NotFound)
+    def notFound(self, request: IRequest, failure: Any) -> bytes:
+        """
+        No such admin resource.
+        """
+        return errorResponse(request, 404, "no_route", "no admin resource at this path")
+
+    @app.handle_errors(MethodNotAllowed)
+    def methodNotAllowed(self, request: IRequest, failure: Any) -> bytes:
+        """
+        The resource exists but not for this method.
+        """
+        allow = ", ".join(sorted(failure.value.valid_methods or []))
+        return errorResponse(request, 405, "method", "method not allowed here", allow=allow)
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Any) -> bytes:
+        """
+        Log an unexpected error and answer 500 without a traceback.
+        """
+        self.log.failure("unexpected error on {path}", failure, path=request.path)
+        return errorResponse(request, 500, "internal", "internal error; see the server log")

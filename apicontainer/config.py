@@ -1,0 +1,368 @@
+"""
+The YAML configuration: loaded, validated, and every error tied to its line.
+
+A wrong configuration stops the start with one line, for example::
+
+    config.yaml:12: stashes.files.type: unknown stash type 'filesytem'
+    (known: filesystem, sqlite)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from attrs import field, frozen
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+from werkzeug.routing import Map, Rule
+
+from .failqueue import RetryPolicy
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+_REQUIRED: Any = object()
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is wrong; the message names the file, line, key and
+    problem.
+    """
+
+
+class Section:
+    """
+    One YAML mapping of the configuration, read key by key.
+
+    Each accessor checks the value's type and range and raises a
+    L{ConfigError} that names the key's full path and line. Stash types read
+    their own options through one of these, so that their errors read the same.
+    """
+
+    def __init__(self, node: yaml.Node | None, path: str, source: str, line: int) -> None:
+        self.path = path
+        self.source = source
+        self.line = line
+        self._nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        self._used: set[str] = set()
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            return
+        if not isinstance(node, yaml.MappingNode):
+            raise self._fail(node, path, "must be a mapping of keys to values")
+        for keyNode, valueNode in node.value:
+            key = _construct(keyNode)
+            if not isinstance(key, str):
+                raise self._fail(keyNode, path, f"key {key!r} must be a string")
+            if key in self._nodes:
+                raise self._fail(keyNode, self._join(key), "appears twice")
+            self._nodes[key] = (keyNode, valueNode)
+
+    def _join(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _fail(self, node: yaml.Node, path: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}:{node.start_mark.line + 1}: {path}: {problem}")
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """
+        An error about C{key}, placed on its line (or on the section's when
+        the key is missing).
+        """
+        if key in self._nodes:
+            return self._fail(self._nodes[key][1], self._join(key), problem)
+        return ConfigError(f"{self.source}:{self.line}: {self._join(key)}: {problem}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._nodes
+
+    def keys(self) -> list[str]:
+        """
+        The keys, in file order.
+        """
+        return list(self._nodes)
+
+    def _take(self, key: str, default: Any) -> Any:
+        self._used.add(key)
+        if key not in self._nodes:
+            if default is _REQUIRED:
+                raise self.error(key, "is required")
+            return default
+        return _construct(self._nodes[key][1])
+
+    def string(self, key: str, default: Any = _REQUIRED) -> Any:
+        """
+        A non-empty string (or C{default}, which may be L{None}, when absent
+        or null).
+        """
+        value = self._take(key, default)
+        if value is None and default is not _REQUIRED:
+            return default
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def integer(self, key: str, default: Any = _REQUIRED, minimum: int = 0) -> int:
+        """
+        A whole number no smaller than C{minimum}.
+        """
+        value = self._take(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, f"must be a whole number >= {minimum}, not {value!r}")
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED, minimum: float = 0.0) -> float:
+        """
+        A number greater than C{minimum}.
+        """
+        value = self._take(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > minimum:
+            raise self.error(key, f"must be a number > {minimum:g}, not {value!r}")
+        return float(value)
+
+    def strings(self, key: str, default: Any = _REQUIRED) -> list[str]:
+        """
+        A list of non-empty strings, without repeats.
+        """
+        value = self._take(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(key, f"must be a list of names, not {value!r}")
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            raise self.error(key, f"names {', '.join(repeated)} more than once")
+        return value
+
+    def section(self, key: str) -> Section:
+        """
+        The nested mapping under C{key}; an empty one when absent or null.
+        """
+        self._used.add(key)
+        if key not in self._nodes:
+            return Section(None, self._join(key), self.source, self.line)
+        keyNode, valueNode = self._nodes[key]
+        return Section(valueNode, self._join(key), self.source, keyNode.start_mark.line + 1)
+
+    def sequence(self, key: str) -> Iterator[Section]:
+        """
+        The mappings of the list under C{key}, each as a section.
+        """
+        self._used.add(key)
+        if key not in self._nodes:
+            raise self.error(key, "is required")
+        node = self._nodes[key][1]
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.error(key, "must be a non-empty list")
+        for index, item in enumerate(node.value):
+            yield Section(item, f"{self._join(key)}[{index}]", self.source, item.start_mark.line + 1)
+
+    def rejectUnknown(self) -> None:
+        """
+        Fail on the first key that no accessor asked for: most often a typo.
+        """
+        for key in self._nodes:
+            if key not in self._used:
+                known = ", ".join(sorted(self._used)) or "none"
+                raise self.error(key, f"unknown key (known here: {known})")
+
+
+def _construct(node: yaml.Node) -> Any:
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+@frozen
+class Limits:
+    """
+    What ingress accepts.
+    """
+
+    maxBodyBytes: int = 10 * 1024 * 1024
+    maxInFlight: int = 1024
+    requestTimeout: float = 60.0
+
+
+@frozen
+class StashSpec:
+    """
+    One entry of C{stashes}: the parts every stash has, and its own options.
+    """
+
+    name: str
+    type: str
+    concurrency: int
+    timeout: float
+    options: Section = field(eq=False)
+
+
+@frozen
+class RouteSpec:
+    """
+    One entry of C{routes}.
+    """
+
+    path: str
+    stashes: tuple[str, ...]
+    read: tuple[str, ...]
+    section: Section = field(eq=False)
+
+
+@frozen
+class Config:
+    """
+    A validated configuration.
+    """
+
+    source: Path
+    listen: str
+    adminListen: str
+    dataDir: Path
+    tokensFile: Path | None
+    limits: Limits
+    failqueueBackend: str
+    retry: RetryPolicy
+    stashes: dict[str, StashSpec]
+    routes: tuple[RouteSpec, ...]
+
+
+def _endpoint(section: Section, key: str, default: str) -> str:
+    description = section.string(key, default)
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise section.error(key, f"bad endpoint string {description!r}: {e}") from None
+    return description
+
+
+def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
+    """
+    Read and validate the configuration file at C{path}.
+
+    @param knownTypes: The stash types that may be named; by default, those of
+        L{apicontainer.registry}.
+    @raise ConfigError: The file is missing, not YAML, or wrong.
+    """
+    if knownTypes is None:
+        from .registry import stashTypes
+
+        knownTypes = frozenset(stashTypes())
+    source = str(path)
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read the configuration: {e}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if node is None:
+        raise ConfigError(f"{source}:1: the configuration is empty")
+    top = Section(node, "", source, 1)
+
+    listen = _endpoint(top, "listen", "tcp:8080:interface=127.0.0.1")
+    adminListen = _endpoint(top, "admin_listen", "tcp:8081:interface=127.0.0.1")
+    dataDir = Path(top.string("data_dir", "./var"))
+    auth = top.section("auth")
+    tokensFile = auth.string("tokens_file", None)
+    auth.rejectUnknown()
+
+    limitsSection = top.section("limits")
+    defaults = Limits()
+    limits = Limits(
+        maxBodyBytes=limitsSection.integer("max_body_bytes", defaults.maxBodyBytes, minimum=1),
+        maxInFlight=limitsSection.integer("max_in_flight", defaults.maxInFlight, minimum=1),
+        requestTimeout=limitsSection.number("request_timeout_s", defaults.requestTimeout),
+    )
+    limitsSection.rejectUnknown()
+
+    failqueue = top.section("failqueue")
+    backend = failqueue.string("backend", "file")
+    if backend != "file":
+        raise failqueue.error("backend", f"unknown fail queue backend {backend!r} (known: file)")
+    retrySection = failqueue.section("retry")
+    retryDefaults = RetryPolicy()
+    retry = RetryPolicy(
+        initial=retrySection.number("initial_s", retryDefaults.initial),
+        factor=retrySection.number("factor", retryDefaults.factor, minimum=0.999),
+        maxDelay=retrySection.number("max_delay_s", retryDefaults.maxDelay),
+        maxAttempts=retrySection.integer("max_attempts", retryDefaults.maxAttempts, minimum=1),
+    )
+    retrySection.rejectUnknown()
+    failqueue.rejectUnknown()
+
+    stashes = _stashes(top.section("stashes"), knownTypes)
+    if not stashes:
+        raise top.error("stashes", "declare at least one stash")
+    routes = _routes(top, stashes)
+    top.rejectUnknown()
+    return Config(
+        source=path,
+        listen=listen,
+        adminListen=adminListen,
+        dataDir=dataDir,
+        tokensFile=Path(tokensFile) if tokensFile else None,
+        limits=limits,
+        failqueueBackend=backend,
+        retry=retry,
+        stashes=stashes,
+        routes=routes,
+    )
+
+
+def _stashes(section: Section, knownTypes: frozenset[str]) -> dict[str, StashSpec]:
+    stashes = {}
+    for name in section.keys():
+        if not _NAME.match(name):
+            raise section.error(name, "a stash name is letters, digits, '_', '-' and '.'")
+        options = section.section(name)
+        if name not in section or not options.keys():
+            raise section.error(name, "must be a mapping with at least a 'type'")
+        kind = options.string("type")
+        if kind not in knownTypes:
+            known = ", ".join(sorted(knownTypes))
+            raise options.error("type", f"unknown stash type {kind!r} (known: {known})")
+        stashes[name] = StashSpec(
+            name=name,
+            type=kind,
+            concurrency=options.integer("concurrency", 16, minimum=1),
+            timeout=options.number("timeout_s", 30.0),
+            options=options,
+        )
+    return stashes
+
+
+def _routes(top: Section, stashes: dict[str, StashSpec]) -> tuple[RouteSpec, ...]:
+    routes = []
+    rules = Map()
+    for route in top.sequence("routes"):
+        path = route.string("path")
+        if not path.startswith("/"):
+            raise route.error("path", f"must start with '/', not {path!r}")
+        if path.startswith("/_"):
+            raise route.error("path", "paths starting with '/_' are reserved")
+        try:
+            rules.add(Rule(path, endpoint=path))
+            rules.bind("localhost").match("/")  # compiles every rule added so far
+        except Exception as e:
+            if "NotFound" not in type(e).__name__:
+                raise route.error("path", f"not a valid route pattern: {e}") from None
+        if any(existing.path == path for existing in routes):
+            raise route.error("path", f"route {path!r} is declared twice")
+        names = route.strings("stashes")
+        if not names:
+            raise route.error("stashes", "name at least one stash")
+        read = route.strings("read", [])
+        for key, listed in (("stashes", names), ("read", read)):
+            for name in listed:
+                if name not in stashes:
+                    declared = ", ".join(stashes)
+                    raise route.error(
+                        key, f"names stash {name!r}, which is not declared (declared: {declared})"
+                    )
+        route.rejectUnknown()
+        routes.append(RouteSpec(path, tuple(names), tuple(read), route))
+    return tuple(routes)

@@ -1,0 +1,84 @@
+"""
+Files that survive a power cut: write a temporary file, fsync it, rename it
+into place, fsync the directory.
+
+These functions block; callers run them through a
+L{apicontainer.blocking.Blocking} runner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def fsyncDirectory(directory: Path) -> None:
+    """
+    Make the creation, rename or removal of entries in C{directory} durable.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def writeAtomically(path: Path, chunks: Iterable[bytes], syncDirectory: bool = True) -> None:
+    """
+    Replace C{path} with C{chunks}, durably: after a crash the file holds
+    either its old content or all of the new, never part of it.
+
+    On any error the temporary file is removed and the error raised;
+    C{path} is then unchanged.
+    """
+    temporary = path.with_name(f".tmp-{path.name}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    if syncDirectory:
+        fsyncDirectory(path.parent)
+
+
+def removeDurably(path: Path) -> bool:
+    """
+    Remove C{path} and make the removal durable.
+
+    @return: Whether there was a file to remove.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsyncDirectory(path.parent)
+    return True
+
+
+def makeDirectories(path: Path) -> None:
+    """
+    Create C{path} and its missing parents, making each creation durable.
+    """
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        fsyncDirectory(directory.parent)

@@ -1,0 +1,225 @@
+"""
+The fail queue: UOWs that failed with a 5xx wait here, durably, for a retry.
+
+The C{file} backend keeps one JSON file per UOW, C{failed/<uow id>.json},
+replaced atomically on each change; the UOW's spool file stays in the spool
+until the UOW is stored, rejected or dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from attrs import evolve, frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from .blocking import Blocking
+from .durable import makeDirectories, removeDurably, writeAtomically
+from .interfaces import IFailQueue
+from .uow import Report
+
+
+class FailedState(str, Enum):
+    """
+    Where a failed UOW stands.
+
+    @cvar queued: Waiting for its next attempt.
+    @cvar retrying: An attempt is under way.
+    @cvar parked: Out of attempts; waits for an operator.
+    @cvar stuck: A rollback failed; waits for an operator.
+    """
+
+    queued = "queued"
+    retrying = "retrying"
+    parked = "parked"
+    stuck = "stuck"
+
+
+@frozen
+class RetryPolicy:
+    """
+    Exponential backoff: C{initial * factor ** (attempt - 1)}, capped.
+    """
+
+    initial: float = 1.0
+    factor: float = 2.0
+    maxDelay: float = 300.0
+    maxAttempts: int = 20
+
+    def delayAfter(self, attempts: int) -> float:
+        """
+        How long to wait after the C{attempts}-th failed attempt.
+        """
+        return min(self.initial * self.factor ** max(attempts - 1, 0), self.maxDelay)
+
+
+@frozen
+class FailedUOW:
+    """
+    One entry of the fail queue.
+
+    @ivar uow: The UOW id; its spool file holds the request.
+    @ivar attempts: How many attempts have failed.
+    @ivar report: The last attempt's report.
+    @ivar nextAttemptAt: When the next attempt is due (POSIX seconds on the
+        queue's clock), or L{None} when none is scheduled.
+    """
+
+    uow: int
+    key: str
+    route: str
+    state: FailedState
+    attempts: int
+    report: Report
+    firstFailedAt: float
+    lastFailedAt: float
+    nextAttemptAt: float | None
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        The entry as stored and as the admin API shows it.
+        """
+        return {
+            "uow": self.uow,
+            "key": self.key,
+            "route": self.route,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "report": self.report.asRecord(),
+            "first_failed_at": self.firstFailedAt,
+            "last_failed_at": self.lastFailedAt,
+            "next_attempt_at": self.nextAttemptAt,
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> FailedUOW:
+        """
+        The inverse of L{asJSON}.
+        """
+        return cls(
+            uow=int(data["uow"]),
+            key=data["key"],
+            route=data["route"],
+            state=FailedState(data["state"]),
+            attempts=int(data["attempts"]),
+            report=Report.fromJSON(data["report"]),
+            firstFailedAt=float(data["first_failed_at"]),
+            lastFailedAt=float(data["last_failed_at"]),
+            nextAttemptAt=data["next_attempt_at"],
+        )
+
+
+@implementer(IFailQueue)
+class FileFailQueue:
+    """
+    The embedded fail queue: a directory of JSON files, mirrored in memory.
+    """
+
+    def __init__(
+        self, directory: Path, blocking: Blocking, clock: IReactorTime, retry: RetryPolicy
+    ) -> None:
+        self.directory = directory
+        self.retry = retry
+        self._blocking = blocking
+        self._clock = clock
+        self._entries: dict[int, FailedUOW] = {}
+
+    def open(self) -> list[Path]:
+        """
+        Create the directory and load every entry (blocking; at start-up).
+
+        @return: The files that could not be read; they are left in place and
+            named in the log by the caller.
+        """
+        makeDirectories(self.directory)
+        unreadable = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                entry = FailedUOW.fromJSON(json.loads(path.read_bytes()))
+            except (ValueError, KeyError, TypeError):
+                unreadable.append(path)
+                continue
+            if entry.state is FailedState.retrying:
+                # The process stopped during an attempt: it is due again.
+                entry = evolve(entry, state=FailedState.queued)
+            self._entries[entry.uow] = entry
+        return unreadable
+
+    def _path(self, uowId: int) -> Path:
+        return self.directory / f"{uowId:020d}.json"
+
+    def failed(self, report: Report, route: str, attempt: int, stuck: bool) -> FailedUOW:
+        """
+        Build the entry for a UOW whose attempt number C{attempt} failed.
+
+        The next attempt is scheduled by the retry policy; after
+        C{maxAttempts} the entry is parked instead.
+        """
+        now = self._clock.seconds()
+        previous = self._entries.get(report.uow)
+        if stuck:
+            state, due = FailedState.stuck, None
+        elif attempt >= self.retry.maxAttempts:
+            state, due = FailedState.parked, None
+        else:
+            state, due = FailedState.queued, now + self.retry.delayAfter(attempt)
+        return FailedUOW(
+            uow=report.uow,
+            key=report.key,
+            route=route,
+            state=state,
+            attempts=attempt,
+            report=report,
+            firstFailedAt=previous.firstFailedAt if previous else now,
+            lastFailedAt=now,
+            nextAttemptAt=due,
+        )
+
+    def put(self, entry: FailedUOW) -> Deferred[None]:
+        data = json.dumps(entry.asJSON(), indent=1).encode("utf-8")
+
+        def recorded(result: None) -> None:
+            self._entries[entry.uow] = entry
+
+        return self._blocking(writeAtomically, self._path(entry.uow), [data]).addCallback(
+            recorded
+        )
+
+    def get(self, uowId: int) -> FailedUOW | None:
+        return self._entries.get(uowId)
+
+    def list(self, state: FailedState | None = None) -> list[FailedUOW]:
+        return [
+            self._entries[uowId]
+            for uowId in sorted(self._entries)
+            if state is None or self._entries[uowId].state is state
+        ]
+
+    def takeDue(self) -> list[FailedUOW]:
+        now = self._clock.seconds()
+        due = []
+        for entry in self.list(FailedState.queued):
+            if entry.nextAttemptAt is not None and entry.nextAttemptAt <= now:
+                entry = evolve(entry, state=FailedState.retrying)
+                self._entries[entry.uow] = entry
+                due.append(entry)
+        return due
+
+    def drop(self, uowId: int) -> Deferred[FailedUOW | None]:
+        entry = self._entries.get(uowId)
+        if entry is None:
+            return succeed(None)
+
+        def removed(existed: bool) -> FailedUOW:
+            self._entries.pop(uowId, None)
+            return entry
+
+        return self._blocking(removeDurably, self._path(uowId)).addCallback(removed)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,186 @@
+"""
+Ingress: the HTTP surface clients write to and read from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import Map, Rule
+
+from .auth import BearerTokens
+from .config import Limits
+from .container import Container
+from .keys import BadKey, keyFromPath
+from .responses import errorResponse, jsonResponse
+from .spool import SpoolError, SpoolFull
+from .uow import MUTATING_METHODS, Outcome, UnitOfWork
+
+READING_METHODS = frozenset({"GET", "HEAD"})
+_ALLOW_MUTATIONS = "DELETE, PATCH, POST, PUT"
+_ALLOW_ALL = "DELETE, GET, HEAD, PATCH, POST, PUT"
+
+
+class Ingress:
+    """
+    The client-facing Klein app: mutations are spooled and fanned out, reads
+    answered from the route's read components.
+
+    Everything that can refuse a request (route, method, auth, size, load)
+    is checked before anything is written to disk.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        container: Container,
+        limits: Limits,
+        clock: IReactorTime,
+        tokens: BearerTokens | None = None,
+    ) -> None:
+        self._container = container
+        self._limits = limits
+        self._clock = clock
+        self._tokens = tokens
+        self._rules = Map([Rule(path, endpoint=path) for path in container.routes]).bind("")
+        self.inFlight = 0
+
+    @app.route("/", branch=True)
+    async def handle(self, request: IRequest) -> bytes:
+        """
+        Route the request by its path, then write or read.
+        """
+        try:
+            key = keyFromPath(request.path)
+        except BadKey as e:
+            return errorResponse(request, 400, "bad_key", str(e))
+        try:
+            route, _ = self._rules.match(key)
+        except NotFound:
+            return errorResponse(request, 404, "no_route", f"no route matches {key}")
+        method = request.method.decode("ascii", "replace").upper()
+        readable = bool(self._container.readers[route])
+        if method not in MUTATING_METHODS and not (readable and method in READING_METHODS):
+            allow = _ALLOW_ALL if readable else _ALLOW_MUTATIONS
+            return errorResponse(
+                request, 405, "method", f"{method} is not allowed on {route}", allow=allow
+            )
+        if self._tokens is not None and not self._tokens.accepts(
+            request.getHeader(b"authorization")
+        ):
+            return errorResponse(
+                request,
+                401,
+                "unauthorized",
+                "a valid bearer token is required",
+                www_authenticate='Bearer realm="apicontainer"',
+            )
+        if method in READING_METHODS:
+            return await self._read(request, route, key)
+        return await self._mutate(request, method, route, key)
+
+    async def _read(self, request: IRequest, route: str, key: str) -> bytes:
+        for reader in self._container.readers[route]:
+            try:
+                document = await reader.read(key)
+            except Exception:
+                self.log.failure("read component {stash} failed on {key}", stash=reader.name, key=key)
+                return errorResponse(
+                    request, 503, "unavailable", f"read component {reader.name} failed", retry_after="1"
+                )
+            if document is not None:
+                request.setHeader(
+                    b"content-type",
+                    (document.contentType or "application/octet-stream").encode("latin-1"),
+                )
+                request.setHeader(b"x-apicontainer-uow", b"%d" % (document.uow,))
+                return document.body
+        return errorResponse(request, 404, "not_found", f"nothing is stored under {key}")
+
+    async def _mutate(self, request: IRequest, method: str, route: str, key: str) -> bytes:
+        body = request.content.read() if request.content is not None else b""
+        if len(body) > self._limits.maxBodyBytes:
+            return errorResponse(
+                request,
+                413,
+                "too_large",
+                f"the body exceeds limits.max_body_bytes ({self._limits.maxBodyBytes} bytes)",
+            )
+        if self.inFlight >= self._limits.maxInFlight:
+            return errorResponse(
+                request,
+                503,
+                "busy",
+                f"limits.max_in_flight ({self._limits.maxInFlight}) requests are under way",
+                retry_after="1",
+            )
+        contentType = request.getHeader(b"content-type")
+        idempotencyKey = request.getHeader(b"idempotency-key")
+        template = UnitOfWork(
+            id=0,
+            method=method,
+            key=key,
+            route=route,
+            body=body,
+            contentType=contentType.decode("latin-1") if contentType else None,
+            receivedAt=self._clock.seconds(),
+            idempotencyKey=idempotencyKey.decode("latin-1") if idempotencyKey else None,
+        )
+        self.inFlight += 1
+        try:
+            return await self._submit(request, template)
+        finally:
+            self.inFlight -= 1
+
+    async def _submit(self, request: IRequest, template: UnitOfWork) -> bytes:
+        try:
+            admission = await self._container.submit(template)
+        except SpoolFull as e:
+            return errorResponse(request, 503, "disk_full", str(e), retry_after="5")
+        except SpoolError as e:
+            self.log.error("spool write failed: {error}", error=str(e))
+            return errorResponse(request, 500, "spool_failed", str(e))
+        uowId = admission.uow.id
+        location = f"/_uow/{uowId}"
+        done = admission.done
+        done.addTimeout(self._limits.requestTimeout, self._clock)
+        try:
+            report = await done
+        except (defer.TimeoutError, error.TimeoutError):
+            return jsonResponse(
+                request,
+                504,
+                {
+                    "uow": uowId,
+                    "outcome": "pending",
+                    "message": "still under way after limits.request_timeout_s; see Location",
+                },
+                location=location,
+            )
+        except Exception:
+            return jsonResponse(
+                request,
+                500,
+                {"uow": uowId, "outcome": "pending", "message": "internal error; the UOW stays spooled"},
+                location=location,
+            )
+        headers: dict[str, Any] = {}
+        if report.outcome is Outcome.queued:
+            headers["location"] = location
+        return jsonResponse(request, report.status, report.asJSON(), **headers)
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Any) -> bytes:
+        """
+        Log an unexpected error and answer 500 without a traceback.
+        """
+        self.log.failure("unexpected error on {path}", failure, path=request.path)
+        return errorResponse(request, 500, "internal", "internal error; see the server log")

@@ -1,0 +1,125 @@
+"""
+The interfaces that the pipeline's parts implement.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IStash(Interface):
+    """
+    A destination that holds a copy of each mutation.
+
+    Rules every implementation keeps (the stash contract):
+
+      - C{stash} is idempotent per UOW id: a replay after a crash stores once.
+      - C{rollback} is idempotent, safe when C{stash} never ran, and commutes
+        with a late C{stash} of the same UOW and attempt: rollback first, then
+        the late stash, leaves nothing behind.
+      - C{rollback} restores the before-image only while the UOW's own write is
+        still the current one; it never clobbers a later UOW's write.
+      - A UOW never overwrites a newer UOW's write on the same key.
+      - After C{commit} the mutation is permanent.
+    """
+
+    name = Attribute("The stash's name from the configuration (C{str}).")
+
+    def stash(uow):
+        """
+        Apply the mutation of C{uow} and prepare its rollback.
+
+        @param uow: The unit of work.
+        @type uow: L{apicontainer.uow.UnitOfWork}
+        @return: A Deferred that fires with a L{apicontainer.uow.Verdict}:
+            declined (nothing to do here), stored (rollback prepared) or
+            failed (with the 4xx or 5xx status that says why).
+        """
+
+    def rollback(uow):
+        """
+        Undo whatever C{stash} did, or will do, for C{uow}.
+
+        @return: A Deferred that fires with L{None} once the undo is durable.
+        """
+
+    def commit(uow):
+        """
+        Make the mutation of C{uow} permanent and forget its rollback data.
+
+        @return: A Deferred that fires with L{None}.
+        """
+
+
+class IReader(Interface):
+    """
+    A stash that can answer reads.
+    """
+
+    def read(key):
+        """
+        Look up the current document stored under C{key}.
+
+        @param key: The resource key (the request path), a C{str}.
+        @return: A Deferred that fires with a L{apicontainer.uow.Document}, or
+            with L{None} when the key is absent or deleted.
+        """
+
+
+class IStartable(Interface):
+    """
+    A stash that must open connections or files before its first UOW.
+    """
+
+    def start():
+        """
+        Prepare for work (open files, create tables).
+
+        @return: A Deferred that fires with L{None} when ready.
+        """
+
+    def stop():
+        """
+        Release what C{start} acquired.
+
+        @return: A Deferred that fires with L{None} when done.
+        """
+
+
+class IFailQueue(Interface):
+    """
+    A durable record of UOWs that failed with a 5xx and wait for a retry.
+    """
+
+    def put(entry):
+        """
+        Record C{entry} durably, replacing an earlier record of the same UOW.
+
+        @param entry: A L{apicontainer.failqueue.FailedUOW}.
+        @return: A Deferred that fires with L{None} once the record is durable.
+        """
+
+    def get(uowId):
+        """
+        @return: The L{apicontainer.failqueue.FailedUOW} for C{uowId}, or
+            L{None}.
+        """
+
+    def list(state=None):
+        """
+        @param state: Only entries in this state, or all when L{None}.
+        @return: The entries, oldest UOW first.
+        """
+
+    def takeDue():
+        """
+        Take the entries whose next attempt is due on the queue's clock.
+
+        @return: The entries, oldest UOW first, each marked as retrying.
+        """
+
+    def drop(uowId):
+        """
+        Forget the entry for C{uowId}, durably.
+
+        @return: A Deferred that fires with the dropped entry, or L{None} when
+            there was none.
+        """

@@ -1,0 +1,114 @@
+"""
+What became of each recent UOW, for C{GET /_uow/<id>}.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from enum import Enum
+from typing import Any
+
+from attrs import define
+
+from .uow import Report, UnitOfWork
+
+
+class UOWState(str, Enum):
+    """
+    Where a UOW stands in the pipeline.
+    """
+
+    received = "received"
+    applying = "applying"
+    stored = "stored"
+    rejected = "rejected"
+    queued = "queued"
+    stuck = "stuck"
+    dropped = "dropped"
+
+
+@define
+class UOWRecord:
+    """
+    One UOW's state, and its last report once it has one.
+    """
+
+    uow: int
+    key: str
+    route: str
+    state: UOWState
+    attempt: int
+    report: Report | None = None
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        The record as the admin API shows it.
+        """
+        return {
+            "uow": self.uow,
+            "key": self.key,
+            "route": self.route,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "report": self.report.asRecord() if self.report else None,
+        }
+
+
+class UOWRecords:
+    """
+    The states of the UOWs under way and of the last C{keep} finished ones,
+    in memory.
+    """
+
+    def __init__(self, keep: int = 10000) -> None:
+        self._keep = keep
+        self._active: dict[int, UOWRecord] = {}
+        self._finished: OrderedDict[int, UOWRecord] = OrderedDict()
+
+    def begin(self, uow: UnitOfWork) -> None:
+        """
+        Record that C{uow} was spooled and waits for the fanout.
+        """
+        self._finished.pop(uow.id, None)
+        self._active[uow.id] = UOWRecord(uow.id, uow.key, uow.route, UOWState.received, uow.attempt)
+
+    def applying(self, uow: UnitOfWork) -> None:
+        """
+        Record that C{uow} went out to its stashes.
+        """
+        record = self._active.get(uow.id)
+        if record is not None:
+            record.state = UOWState.applying
+
+    def finish(self, uow: UnitOfWork, state: UOWState, report: Report | None) -> None:
+        """
+        Record the final state of this attempt at C{uow}.
+        """
+        record = self._active.pop(uow.id, None) or UOWRecord(
+            uow.id, uow.key, uow.route, state, uow.attempt
+        )
+        record.state, record.report = state, report
+        self._finished[uow.id] = record
+        while len(self._finished) > self._keep:
+            self._finished.popitem(last=False)
+
+    def mark(self, uowId: int, state: UOWState) -> None:
+        """
+        Change the state of a finished UOW (an operator dropped it).
+        """
+        record = self._finished.get(uowId)
+        if record is not None:
+            record.state = state
+
+    def get(self, uowId: int) -> UOWRecord | None:
+        """
+        The record of C{uowId}, if it is under way or recent.
+        """
+        return self._active.get(uowId) or self._finished.get(uowId)
+
+    @property
+    def inFlight(self) -> int:
+        """
+        How many UOWs are spooled and not yet finished.
+        """
+        return len(self._active)

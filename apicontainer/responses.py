@@ -1,0 +1,28 @@
+"""
+JSON responses, the only kind the server sends.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+
+def jsonResponse(request: IRequest, status: int, body: Any, **headers: str) -> bytes:
+    """
+    Set C{status} and C{headers} on C{request} and return C{body} as JSON.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in headers.items():
+        request.setHeader(name.replace("_", "-").encode("ascii"), value.encode("latin-1"))
+    return json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def errorResponse(request: IRequest, status: int, error: str, message: str, **headers: str) -> bytes:
+    """
+    A JSON error: C{{"error": code, "message": text}}.
+    """
+    return jsonResponse(request, status, {"error": error, "message": message}, **headers)

@@ -1,0 +1,117 @@
+"""
+The server as a Twisted service: starts the container, then listens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from .admin import AdminAPI
+from .auth import BearerTokens
+from .blocking import Blocking, inThreadPool
+from .container import Container
+from .httplimits import limitedRequestFactory
+from .ingress import Ingress
+
+
+class SerialPools:
+    """
+    One-thread pools, one per stash that asks for a serial runner; started
+    and stopped with the service.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._pools: list[ThreadPool] = []
+
+    def runner(self, name: str) -> Blocking:
+        """
+        A runner that runs one call at a time, in order, on its own thread.
+        """
+        pool = ThreadPool(minthreads=1, maxthreads=1, name=f"apicontainer-{name}")
+        self._pools.append(pool)
+        return inThreadPool(self._reactor, pool)
+
+    def start(self) -> None:
+        for pool in self._pools:
+            pool.start()
+
+    def stop(self) -> None:
+        for pool in self._pools:
+            pool.stop()
+
+
+class ContainerService(Service):
+    """
+    Starts the stashes and the pipeline, then opens ingress and the admin API.
+
+    If anything fails on the way, the reason is logged and the process exits
+    with status 1.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        container: Container,
+        pools: SerialPools,
+        tokens: BearerTokens | None,
+    ) -> None:
+        self._reactor = reactor
+        self._container = container
+        self._pools = pools
+        self._tokens = tokens
+        self._ports: list[IListeningPort] = []
+        self.ingress: Ingress | None = None
+        self.started: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._pools.start()
+        self.started = Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        config = self._container.config
+        try:
+            await self._container.start()
+            self.ingress = Ingress(self._container, config.limits, self._reactor, self._tokens)
+            site = Site(self.ingress.app.resource(), requestFactory=limitedRequestFactory(config.limits.maxBodyBytes))
+            site.displayTracebacks = False
+            admin = Site(AdminAPI(self._container, self._tokens).app.resource())
+            admin.displayTracebacks = False
+            for description, factory in ((config.listen, site), (config.adminListen, admin)):
+                port = await serverFromString(self._reactor, description).listen(factory)
+                self._ports.append(port)
+                self.log.info("listening on {endpoint}", endpoint=description)
+        except Exception as e:
+            self.log.critical("api-container could not start: {error}", error=str(e) or repr(e))
+            self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self._reactor.callWhenRunning(self._reactor.stop)
+            return
+        self.log.info(
+            "api-container ready: {routes} route(s), stashes {stashes}, data in {dataDir}",
+            routes=len(config.routes),
+            stashes=", ".join(self._container.stashes),
+            dataDir=str(config.dataDir),
+        )
+
+    async def _stop(self) -> None:
+        for port in self._ports:
+            await port.stopListening()
+        self._ports = []
+        await self._container.stop()
+        self._pools.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())

@@ -1,0 +1,215 @@
+"""
+The spool: every accepted request, on local disk, before anything else.
+
+One file per UOW, C{spool/<uow id>.uow}, in a frame that makes a torn or
+corrupt file detectable::
+
+    magic     8 bytes   b"ACSPOOL1"
+    lengths  12 bytes   big-endian uint32 metadata length, uint64 body length
+    metadata  n bytes   UTF-8 JSON: uow, method, key, route, content type, ...
+    body      m bytes   the request body, as received
+    checksum  4 bytes   big-endian CRC-32 of everything before it
+
+A file is written under a temporary name, fsynced, renamed into place and its
+directory fsynced, so it is either whole or absent. A file that fails its
+checks is moved to C{quarantine/} and never replayed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from .blocking import Blocking
+from .durable import fsyncDirectory, makeDirectories, removeDurably, writeAtomically
+from .uow import UnitOfWork
+
+MAGIC = b"ACSPOOL1"
+_LENGTHS = struct.Struct(">IQ")
+_CHECKSUM = struct.Struct(">I")
+_MAX_METADATA = 1 << 20
+_SUFFIX = ".uow"
+
+
+class SpoolError(Exception):
+    """
+    The spool could not record a request; nothing was spooled.
+    """
+
+
+class SpoolFull(SpoolError):
+    """
+    The spool's disk is full; nothing was spooled. Retry later.
+    """
+
+
+class CorruptSpoolFile(Exception):
+    """
+    A spool file is torn or corrupt and must not be replayed.
+    """
+
+
+def encode(uow: UnitOfWork) -> list[bytes]:
+    """
+    Frame C{uow} as the chunks of a spool file.
+    """
+    metadata = json.dumps(
+        {
+            "uow": uow.id,
+            "method": uow.method,
+            "key": uow.key,
+            "route": uow.route,
+            "content_type": uow.contentType,
+            "received_at": uow.receivedAt,
+            "idempotency_key": uow.idempotencyKey,
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+    head = MAGIC + _LENGTHS.pack(len(metadata), len(uow.body)) + metadata
+    checksum = zlib.crc32(uow.body, zlib.crc32(head))
+    return [head, uow.body, _CHECKSUM.pack(checksum)]
+
+
+def decode(data: bytes) -> UnitOfWork:
+    """
+    Parse a spool file.
+
+    @raise CorruptSpoolFile: The file is torn, corrupt or not a spool file.
+    """
+    fixed = len(MAGIC) + _LENGTHS.size
+    if len(data) < fixed + _CHECKSUM.size or not data.startswith(MAGIC):
+        raise CorruptSpoolFile("not a spool file, or torn before its header ended")
+    metadataLength, bodyLength = _LENGTHS.unpack_from(data, len(MAGIC))
+    if metadataLength > _MAX_METADATA:
+        raise CorruptSpoolFile(f"metadata length {metadataLength} is implausible")
+    end = fixed + metadataLength + bodyLength
+    if len(data) != end + _CHECKSUM.size:
+        raise CorruptSpoolFile(
+            f"length is {len(data)} bytes, the frame says {end + _CHECKSUM.size}"
+        )
+    (expected,) = _CHECKSUM.unpack_from(data, end)
+    if zlib.crc32(memoryview(data)[:end]) != expected:
+        raise CorruptSpoolFile("checksum mismatch")
+    try:
+        metadata = json.loads(data[fixed : fixed + metadataLength])
+        return UnitOfWork(
+            id=int(metadata["uow"]),
+            method=str(metadata["method"]),
+            key=str(metadata["key"]),
+            route=str(metadata["route"]),
+            body=data[fixed + metadataLength : end],
+            contentType=metadata["content_type"],
+            receivedAt=float(metadata["received_at"]),
+            idempotencyKey=metadata["idempotency_key"],
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptSpoolFile(f"unreadable metadata: {e}") from e
+
+
+class Spool:
+    """
+    The durable store of accepted requests, one file per UOW.
+
+    Every method that touches the disk runs through the C{blocking} runner.
+    """
+
+    log = Logger()
+
+    def __init__(self, directory: Path, quarantine: Path, blocking: Blocking) -> None:
+        self.directory = directory
+        self.quarantineDirectory = quarantine
+        self._blocking = blocking
+
+    def open(self) -> None:
+        """
+        Create the spool and quarantine directories (blocking; at start-up).
+        """
+        makeDirectories(self.directory)
+        makeDirectories(self.quarantineDirectory)
+
+    def path(self, uowId: int) -> Path:
+        """
+        The spool file of UOW C{uowId}.
+        """
+        return self.directory / f"{uowId:020d}{_SUFFIX}"
+
+    def write(self, uow: UnitOfWork) -> Deferred[None]:
+        """
+        Record C{uow} durably.
+
+        @return: A Deferred that fires with L{None} once the file and its
+            directory entry are fsynced, or fails with L{SpoolFull} or
+            L{SpoolError}, in which case no spool file exists.
+        """
+        return self._blocking(self._write, uow)
+
+    def _write(self, uow: UnitOfWork) -> None:
+        try:
+            writeAtomically(self.path(uow.id), encode(uow))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"spool disk full: {e.strerror}") from e
+            raise SpoolError(f"spool write failed: {e.strerror or e}") from e
+
+    def load(self, uowId: int) -> Deferred[UnitOfWork]:
+        """
+        Read the UOW back from its spool file.
+
+        @return: A Deferred that fires with the L{UnitOfWork}, or fails with
+            L{CorruptSpoolFile} or L{FileNotFoundError}.
+        """
+        return self._blocking(self._load, uowId)
+
+    def _load(self, uowId: int) -> UnitOfWork:
+        uow = decode(self.path(uowId).read_bytes())
+        if uow.id != uowId:
+            raise CorruptSpoolFile(f"file of UOW {uowId} holds UOW {uow.id}")
+        return uow
+
+    def delete(self, uowId: int) -> Deferred[bool]:
+        """
+        Remove the spool file of UOW C{uowId}, durably.
+
+        @return: A Deferred that fires with whether there was a file.
+        """
+        return self._blocking(removeDurably, self.path(uowId))
+
+    def quarantine(self, uowId: int) -> Deferred[Path]:
+        """
+        Move the spool file of UOW C{uowId} out of the way, for an operator
+        to inspect; it is never replayed.
+
+        @return: A Deferred that fires with the file's new path.
+        """
+        return self._blocking(self._quarantine, uowId)
+
+    def _quarantine(self, uowId: int) -> Path:
+        source = self.path(uowId)
+        target = self.quarantineDirectory / source.name
+        os.rename(source, target)
+        fsyncDirectory(self.directory)
+        fsyncDirectory(self.quarantineDirectory)
+        self.log.error(
+            "spool file of UOW {uow} is corrupt; moved to {target}",
+            uow=uowId,
+            target=str(target),
+        )
+        return target
+
+    def pending(self) -> list[int]:
+        """
+        The UOW ids that have a spool file, in ascending order (blocking).
+        """
+        ids = []
+        for entry in os.scandir(self.directory):
+            stem, dot, suffix = entry.name.partition(".")
+            if dot and "." + suffix == _SUFFIX and stem.isdigit():
+                ids.append(int(stem))
+        return sorted(ids)

@@ -1,0 +1,268 @@
+"""
+The C{filesystem} stash: each document a plain file under C{root}.
+
+Layout, for the key C{/items/42}::
+
+    root/items/42.doc          symlink to the current version: cat it
+    root/items/42.v17          the body written by UOW 17
+    root/items/42.v17.type     its content type, when it had one
+    root/.undo/17.json         UOW 17's before-image, until commit
+    root/.rolledback/17        marker: UOW 17 was rolled back
+
+Each key segment is percent-encoded (every byte but letters, digits, C{-}
+and C{_}), so a segment is never C{.} or C{..}, never contains C{/}, and
+never collides with the C{.doc}/C{.v} names; an over-long segment is replaced
+by a hash. No key can name a path outside C{root}.
+
+A write lands by writing and fsyncing the new version, recording the undo
+durably, then atomically replacing the C{.doc} symlink and fsyncing its
+directory. A deleted document is a symlink to a C{.d<uow>} name that does
+not exist, so that an older UOW can never bring it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..blocking import Blocking
+from ..config import StashSpec
+from ..durable import fsyncDirectory, makeDirectories, removeDurably, writeAtomically
+from ..interfaces import IReader, IStartable, IStash
+from ..multipart import MultipartError
+from ..uow import Document, UnitOfWork, Verdict
+from . import StashContext
+
+_SAFE = "-_"
+_MAX_SEGMENT = 120
+_TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
+
+
+def encodeSegment(segment: str) -> str:
+    """
+    A key segment as a file name that is always safe and never special.
+    """
+    encoded = quote(segment, safe=_SAFE).replace(".", "%2E").replace("~", "%7E")
+    if not encoded or len(encoded) > _MAX_SEGMENT:
+        return "~" + hashlib.sha256(segment.encode("utf-8", "surrogatepass")).hexdigest()
+    return encoded
+
+
+@implementer(IStash, IReader, IStartable)
+class FilesystemStash:
+    """
+    Documents as files under a root directory.
+
+    @ivar part: When set, only the C{multipart/form-data} part of this name is
+        stored, and requests without it are declined.
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str, root: Path, blocking: Blocking, part: str | None = None) -> None:
+        self.name = name
+        self.root = root
+        self.part = part
+        self._blocking = blocking
+        self._undo = root / ".undo"
+        self._rolledBack = root / ".rolledback"
+
+    @classmethod
+    def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
+        """
+        Build the stash from its options: C{root} (relative to the data
+        directory) and C{part}.
+        """
+        root = spec.options.string("root")
+        part = spec.options.string("part", None)
+        return cls(spec.name, context.path(root), context.blocking, part)
+
+    def start(self) -> Deferred[None]:
+        return self._blocking(self._open)
+
+    def _open(self) -> None:
+        makeDirectories(self._undo)
+        makeDirectories(self._rolledBack)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def _pointer(self, key: str) -> Path:
+        segments = [encodeSegment(s) for s in key.strip("/").split("/")]
+        *directories, leaf = segments
+        return self.root.joinpath(*directories, leaf + ".doc")
+
+    def _current(self, pointer: Path) -> tuple[str, int] | None:
+        """
+        The name the pointer links to and the UOW that wrote it.
+        """
+        try:
+            target = os.readlink(pointer)
+        except FileNotFoundError:
+            return None
+        match = _TARGET.match(target)
+        if match is None:
+            raise OSError(f"{pointer} points at {target!r}, which is not a version")
+        return target, int(match["uow"])
+
+    def _undoPath(self, uowId: int) -> Path:
+        return self._undo / f"{uowId}.json"
+
+    def _readUndo(self, uowId: int) -> dict | None:  # type: ignore[type-arg]
+        try:
+            return json.loads(self._undoPath(uowId).read_bytes())  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None
+
+    def _rolledBackAttempt(self, uowId: int) -> int:
+        try:
+            return int((self._rolledBack / str(uowId)).read_text("ascii"))
+        except FileNotFoundError:
+            return 0
+
+    def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
+        body, contentType = uow.body, uow.contentType
+        if self.part is not None and not uow.isDelete:
+            try:
+                part = uow.part(self.part)
+            except MultipartError as e:
+                return succeed(Verdict.failed(400, str(e)))
+            if part is None:
+                return succeed(Verdict.declined(f"no part named {self.part!r}"))
+            body, contentType = part.body, part.contentType
+
+        def failed(reason):  # type: ignore[no-untyped-def]
+            reason.trap(OSError)
+            self.log.failure(
+                "stash {stash} could not store UOW {uow}", reason, stash=self.name, uow=uow.id
+            )
+            return Verdict.failed(503, f"filesystem: {reason.value}")
+
+        return self._blocking(self._stash, uow, body, contentType).addErrback(failed)
+
+    def _stash(self, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
+        if self._rolledBackAttempt(uow.id) >= uow.attempt:
+            return Verdict.declined("rolled back before it arrived")
+        if self._undoPath(uow.id).exists():
+            return Verdict.stored(detail="already stored")
+        pointer = self._pointer(uow.key)
+        current = self._current(pointer)
+        if current is not None and current[1] >= uow.id:
+            if current[1] == uow.id:
+                return Verdict.stored(detail="already stored")
+            return Verdict.declined(f"superseded by UOW {current[1]}")
+        makeDirectories(pointer.parent)
+        stem = pointer.name[: -len(".doc")]
+        if uow.isDelete:
+            target = f"{stem}.d{uow.id}"
+        else:
+            target = f"{stem}.v{uow.id}"
+            writeAtomically(pointer.with_name(target), [body], syncDirectory=False)
+            if contentType:
+                writeAtomically(
+                    pointer.with_name(target + ".type"),
+                    [contentType.encode("utf-8")],
+                    syncDirectory=False,
+                )
+            fsyncDirectory(pointer.parent)
+        undo = {
+            "key": uow.key,
+            "attempt": uow.attempt,
+            "before": current[0] if current else None,
+            "target": target,
+        }
+        writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()])
+        self._point(pointer, target)
+        return Verdict.stored(status=200)
+
+    def _point(self, pointer: Path, target: str | None) -> None:
+        """
+        Make C{pointer} link to C{target} (remove it for L{None}), atomically
+        and durably.
+        """
+        if target is None:
+            removeDurably(pointer)
+            return
+        temporary = pointer.with_name(f".tmp-{pointer.name}")
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, temporary)
+        os.rename(temporary, pointer)
+        fsyncDirectory(pointer.parent)
+
+    def _removeVersion(self, directory: Path, target: str | None) -> None:
+        if target is None or target.split(".")[-1].startswith("d"):
+            return
+        for name in (target, target + ".type"):
+            try:
+                os.unlink(directory / name)
+            except FileNotFoundError:
+                pass
+
+    def rollback(self, uow: UnitOfWork) -> Deferred[None]:
+        return self._blocking(self._rollback, uow)
+
+    def _rollback(self, uow: UnitOfWork) -> None:
+        undo = self._readUndo(uow.id)
+        if undo is not None:
+            pointer = self._pointer(undo["key"])
+            current = self._current(pointer)
+            if current is not None and current[0] == undo["target"]:
+                self._point(pointer, undo["before"])
+            else:
+                self._handOver(undo)
+            self._removeVersion(pointer.parent, undo["target"])
+        attempt = max(self._rolledBackAttempt(uow.id), uow.attempt)
+        writeAtomically(self._rolledBack / str(uow.id), [b"%d" % (attempt,)])
+        if undo is not None:
+            removeDurably(self._undoPath(uow.id))
+
+    def _handOver(self, undo: dict) -> None:  # type: ignore[type-arg]
+        """
+        A later UOW wrote over the one being rolled back: keep its write,
+        and make its own rollback restore our before-image, not our write.
+        """
+        for path in self._undo.glob("*.json"):
+            later = json.loads(path.read_bytes())
+            if later["key"] == undo["key"] and later["before"] == undo["target"]:
+                later["before"] = undo["before"]
+                writeAtomically(path, [json.dumps(later).encode()])
+
+    def commit(self, uow: UnitOfWork) -> Deferred[None]:
+        return self._blocking(self._commit, uow)
+
+    def _commit(self, uow: UnitOfWork) -> None:
+        removeDurably(self._rolledBack / str(uow.id))
+        undo = self._readUndo(uow.id)
+        if undo is None:
+            return
+        pointer = self._pointer(undo["key"])
+        current = self._current(pointer)
+        if undo["before"] is not None and (current is None or current[0] != undo["before"]):
+            self._removeVersion(pointer.parent, undo["before"])
+        removeDurably(self._undoPath(uow.id))
+
+    def read(self, key: str) -> Deferred[Document | None]:
+        return self._blocking(self._read, key)
+
+    def _read(self, key: str) -> Document | None:
+        pointer = self._pointer(key)
+        current = self._current(pointer)
+        if current is None or _TARGET.match(current[0])["kind"] == "d":  # type: ignore[index]
+            return None
+        version = pointer.with_name(current[0])
+        try:
+            contentType: str | None = version.with_name(current[0] + ".type").read_text("utf-8")
+        except FileNotFoundError:
+            contentType = None
+        return Document(version.read_bytes(), contentType, current[1])

@@ -1,0 +1,73 @@
+"""
+C{twist apicontainer}: the server's command line and service.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from .auth import BearerTokens
+from .blocking import inThreadPool
+from .config import DEFAULT_CONFIG, ConfigError, loadConfig
+from .container import Container, buildStashes
+from .service import ContainerService, SerialPools
+from .stashes import StashContext
+
+EX_CONFIG = 78
+
+
+class Options(usage.Options):
+    """
+    The options of C{twist apicontainer}.
+    """
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Accept HTTP writes and deliver each one to every configured store, all or "
+        "nothing. Without --config, runs the embedded default configuration "
+        "(SQLite + filesystem, data under ./var)."
+    )
+    optParameters = [
+        ["config", "c", None, f"The YAML configuration file [default: {DEFAULT_CONFIG}]"],
+    ]
+
+
+def _refuse(message: str) -> None:
+    sys.stderr.write(f"apicontainer: {message}\n")
+    raise SystemExit(EX_CONFIG)
+
+
+def makeService(options: Options) -> IService:
+    """
+    Load and check the configuration, open the data directory and build the
+    service. A wrong configuration ends the process here with one line on
+    standard error and exit status 78.
+    """
+    from twisted.internet import reactor
+
+    path = Path(options["config"]) if options["config"] else DEFAULT_CONFIG
+    try:
+        config = loadConfig(path)
+        tokens = BearerTokens.fromFile(config.tokensFile) if config.tokensFile else None
+        pools = SerialPools(reactor)
+        context = StashContext(
+            clock=reactor,
+            dataDir=config.dataDir,
+            blocking=inThreadPool(reactor, reactor.getThreadPool()),
+            serial=pools.runner,
+        )
+        stashes = buildStashes(config, context)
+    except ConfigError as e:
+        _refuse(str(e))
+    container = Container(config, stashes, reactor, context.blocking)
+    try:
+        container.open()
+    except (OSError, ValueError) as e:
+        _refuse(f"cannot open the data directory {config.dataDir}: {e}")
+    root = MultiService()
+    ContainerService(reactor, container, pools, tokens).setServiceParent(root)
+    return root

@@ -1,0 +1,220 @@
+"""
+Units of work, the verdicts stashes give on them, and their reports.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Mapping
+
+from attrs import Factory, define, field, frozen
+
+from .multipart import Part, findPart
+
+MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@define
+class UnitOfWork:
+    """
+    One spooled mutation: what a client asked for, under its UOW id.
+
+    The body is read-only; every stash sees the same bytes, in every attempt.
+
+    @ivar id: The UOW id, unique for the life of the data directory.
+    @ivar attempt: 1 for the first delivery, then one more for each retry.
+    @ivar method: C{POST}, C{PUT}, C{PATCH} or C{DELETE}.
+    @ivar key: The resource key: the normalized request path.
+    @ivar route: The configured route pattern that matched the key.
+    @ivar contentType: The request's C{Content-Type}, if it had one.
+    @ivar body: The request body.
+    @ivar receivedAt: When ingress accepted the request (POSIX seconds).
+    @ivar idempotencyKey: The request's C{Idempotency-Key}, if any.
+    """
+
+    id: int
+    method: str
+    key: str
+    route: str
+    body: bytes
+    contentType: str | None = None
+    receivedAt: float = 0.0
+    idempotencyKey: str | None = None
+    attempt: int = 1
+    _parts: dict[str, Part | None] = field(
+        default=Factory(dict), eq=False, repr=False, alias="_parts"
+    )
+
+    @property
+    def isDelete(self) -> bool:
+        """
+        Whether this UOW removes the document rather than writing one.
+        """
+        return self.method == "DELETE"
+
+    def part(self, name: str) -> Part | None:
+        """
+        The multipart form part called C{name}, parsed once per UOW.
+
+        @return: The part, or L{None} when the body is not
+            C{multipart/form-data} or has no such part.
+        """
+        if name not in self._parts:
+            self._parts[name] = findPart(self.contentType, self.body, name)
+        return self._parts[name]
+
+
+class VerdictKind(str, Enum):
+    """
+    What a stash made of a UOW.
+    """
+
+    declined = "declined"
+    stored = "stored"
+    failed = "failed"
+
+
+@frozen
+class Verdict:
+    """
+    A stash's answer for one UOW.
+
+    @ivar kind: declined, stored or failed.
+    @ivar status: An HTTP status: 2xx for declined and stored, 4xx or 5xx for
+        failed.
+    @ivar detail: Why, in a few words, for the report and the logs.
+    """
+
+    kind: VerdictKind
+    status: int
+    detail: str | None = None
+
+    @classmethod
+    def stored(cls, status: int = 200, detail: str | None = None) -> Verdict:
+        """
+        The mutation is held and its rollback prepared.
+        """
+        return cls(VerdictKind.stored, status, detail)
+
+    @classmethod
+    def declined(cls, detail: str | None = None, status: int = 204) -> Verdict:
+        """
+        The stash has nothing to do for this UOW; it changed nothing.
+        """
+        return cls(VerdictKind.declined, status, detail)
+
+    @classmethod
+    def failed(cls, status: int, detail: str | None = None) -> Verdict:
+        """
+        The stash could not apply the mutation: 4xx when the request is at
+        fault, 5xx when the destination is.
+        """
+        if not 400 <= status <= 599:
+            raise ValueError(f"a failed verdict needs a 4xx or 5xx status, not {status}")
+        return cls(VerdictKind.failed, status, detail)
+
+    @property
+    def ok(self) -> bool:
+        """
+        Whether the verdict lets the UOW commit.
+        """
+        return self.kind is not VerdictKind.failed
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        The verdict as it appears in responses and logs.
+        """
+        result: dict[str, Any] = {"verdict": self.kind.value, "status": self.status}
+        if self.detail:
+            result["detail"] = self.detail
+        return result
+
+    @classmethod
+    def fromJSON(cls, data: Mapping[str, Any]) -> Verdict:
+        """
+        The inverse of L{asJSON}.
+        """
+        return cls(VerdictKind(data["verdict"]), int(data["status"]), data.get("detail"))
+
+
+class Outcome(str, Enum):
+    """
+    What became of a UOW as a whole.
+    """
+
+    stored = "stored"
+    rejected = "rejected"
+    queued = "queued"
+
+
+@frozen
+class Report:
+    """
+    The outcome of one attempt at a UOW, with every stash's verdict.
+
+    @ivar verdicts: Stash name to verdict, in configuration order.
+    """
+
+    uow: int
+    key: str
+    outcome: Outcome
+    status: int
+    verdicts: Mapping[str, Verdict]
+
+    @classmethod
+    def fromVerdicts(cls, uow: UnitOfWork, verdicts: Mapping[str, Verdict]) -> Report:
+        """
+        Decide the outcome from the verdicts, given in configuration order.
+
+        All 2xx: stored (200). Any 4xx: rejected with the first 4xx in
+        configuration order. Otherwise queued with the first 5xx.
+        """
+        failures = [v.status for v in verdicts.values() if not v.ok]
+        clientErrors = [status for status in failures if status < 500]
+        if not failures:
+            return cls(uow.id, uow.key, Outcome.stored, 200, verdicts)
+        if clientErrors:
+            return cls(uow.id, uow.key, Outcome.rejected, clientErrors[0], verdicts)
+        return cls(uow.id, uow.key, Outcome.queued, failures[0], verdicts)
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        The report as the response body of the mutation.
+        """
+        return {
+            "uow": self.uow,
+            "outcome": self.outcome.value,
+            "stashes": {name: v.asJSON() for name, v in self.verdicts.items()},
+        }
+
+    @classmethod
+    def fromJSON(cls, data: Mapping[str, Any]) -> Report:
+        """
+        The inverse of L{asJSON}, with the key and status stored beside it.
+        """
+        return cls(
+            uow=int(data["uow"]),
+            key=data["key"],
+            outcome=Outcome(data["outcome"]),
+            status=int(data["status"]),
+            verdicts={
+                name: Verdict.fromJSON(v) for name, v in data["stashes"].items()
+            },
+        )
+
+    def asRecord(self) -> dict[str, Any]:
+        """
+        The report with its key and status, as stored in the fail queue.
+        """
+        return {**self.asJSON(), "key": self.key, "status": self.status}
+
+
+@frozen
+class Document:
+    """
+    What a reader holds under a key.
+    """
+
+    body: bytes
+    contentType: str | None
+    uow: int

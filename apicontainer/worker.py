@@ -1,0 +1,106 @@
+"""
+Stash workers: each reads one stash's routing queue and calls the stash.
+"""
+
+from __future__ import annotations
+
+from attrs import frozen
+from twisted.internet import defer, error
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .interfaces import IStash
+from .uow import UnitOfWork, Verdict
+
+
+@frozen
+class Delivery:
+    """
+    A UOW on a routing queue, with the Deferred that fires with the stash's
+    verdict.
+    """
+
+    uow: UnitOfWork
+    verdict: Deferred[Verdict]
+
+
+class StashWorker:
+    """
+    Calls one stash for each delivery on its routing queue, with at most
+    C{concurrency} calls under way, each bounded by C{timeout} seconds on
+    C{clock}.
+
+    Whatever the stash does, the delivery's Deferred fires with a verdict: an
+    exception is a 500 verdict, a timeout a 504.
+
+    @ivar queue: The routing queue, a C{DeferredQueue} of L{Delivery}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, stash: IStash, clock: IReactorTime, concurrency: int = 16, timeout: float = 30.0
+    ) -> None:
+        self.stash = stash
+        self.queue: DeferredQueue[Delivery] = DeferredQueue()
+        self._clock = clock
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._loops: list[Deferred[None]] = []
+
+    @property
+    def name(self) -> str:
+        return self.stash.name  # type: ignore[no-any-return]
+
+    def start(self) -> None:
+        """
+        Start reading the routing queue.
+        """
+        self._loops = [Deferred.fromCoroutine(self._work()) for _ in range(self._concurrency)]
+
+    def stop(self) -> None:
+        """
+        Stop reading the routing queue; calls under way go on to their end.
+        """
+        loops, self._loops = self._loops, []
+        for loop in loops:
+            loop.cancel()
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                delivery = await self.queue.get()
+            except CancelledError:
+                return
+            verdict = await self.call(delivery.uow)
+            delivery.verdict.callback(verdict)
+
+    async def call(self, uow: UnitOfWork) -> Verdict:
+        """
+        Ask the stash for its verdict on C{uow}, within the timeout.
+        """
+        attempt = maybeDeferred(self.stash.stash, uow)
+        attempt.addTimeout(self._timeout, self._clock)
+        try:
+            verdict = await attempt
+        except (defer.TimeoutError, error.TimeoutError):
+            self.log.warn(
+                "stash {stash} timed out on UOW {uow} after {timeout}s",
+                stash=self.name,
+                uow=uow.id,
+                timeout=self._timeout,
+            )
+            return Verdict.failed(504, f"timed out after {self._timeout:g}s")
+        except Exception as e:
+            self.log.failure("stash {stash} raised on UOW {uow}", stash=self.name, uow=uow.id)
+            return Verdict.failed(500, f"{type(e).__name__}: {e}")
+        if not isinstance(verdict, Verdict):
+            self.log.error(
+                "stash {stash} answered UOW {uow} with {answer!r}, not a Verdict",
+                stash=self.name,
+                uow=uow.id,
+                answer=verdict,
+            )
+            return Verdict.failed(500, "the stash gave no verdict")
+        return verdict
