@@ -11,6 +11,7 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import Map, Rule
 
@@ -53,15 +54,18 @@ class Ingress:
         self._rules = Map([Rule(path, endpoint=path) for path in container.routes]).bind("")
         self.inFlight = 0
 
+    def resource(self) -> IResource:
+        """
+        The ingress as a web resource: the key check, then the Klein app.
+        """
+        return _KeyCheck(self.app.resource())
+
     @app.route("/", branch=True)
     async def handle(self, request: IRequest) -> bytes:
         """
-        Route the request by its path, then write or read.
+        Route the request by its key, then write or read.
         """
-        try:
-            key = keyFromPath(request.path)
-        except BadKey as e:
-            return errorResponse(request, 400, "bad_key", str(e))
+        key: str = request.resourceKey  # type: ignore[attr-defined]
         try:
             route, _ = self._rules.match(key)
         except NotFound:
@@ -184,3 +188,24 @@ class Ingress:
         """
         self.log.failure("unexpected error on {path}", failure, path=request.path)
         return errorResponse(request, 500, "internal", "internal error; see the server log")
+
+
+class _KeyCheck(Resource):
+    """
+    Turns the request path into the resource key before the Klein app sees
+    the request, so that every bad path (not UTF-8 once decoded included)
+    gets the same JSON 400, and stores it as C{request.resourceKey}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: IResource) -> None:
+        super().__init__()
+        self._app = app
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            request.resourceKey = keyFromPath(request.path)  # type: ignore[attr-defined]
+        except BadKey as e:
+            return errorResponse(request, 400, "bad_key", str(e))
+        return self._app.render(request)

@@ -85,7 +85,7 @@ class ContainerService(Service):
         try:
             await self._container.start()
             self.ingress = Ingress(self._container, config.limits, self._reactor, self._tokens)
-            site = Site(self.ingress.app.resource(), requestFactory=limitedRequestFactory(config.limits.maxBodyBytes))
+            site = Site(self.ingress.resource(), requestFactory=limitedRequestFactory(config.limits.maxBodyBytes))
             site.displayTracebacks = False
             admin = Site(AdminAPI(self._container, self._tokens).app.resource())
             admin.displayTracebacks = False

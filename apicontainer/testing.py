@@ -30,6 +30,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from .admin import AdminAPI
+from .auth import BearerTokens
 from .blocking import inline
 from .config import Config, Limits, RouteSpec, StashSpec
 from .container import Container
@@ -61,8 +62,11 @@ class MemoryStash:
         C{failWith}: a stash that failed halfway.
     @ivar hang: When true, C{stash} never answers (until cancelled, as the
         stash worker's timeout does).
+    @ivar decline: When true, C{stash} declines every UOW.
     @ivar failRollback: When true, C{rollback} fails.
     @ivar calls: Every call, as C{(method, uow id)}, in order.
+    @ivar journal: A list, perhaps shared between stashes, that every call is
+        appended to as C{(stash name, method, uow id)}.
     """
 
     def __init__(
@@ -71,20 +75,30 @@ class MemoryStash:
         failWith: int | None = None,
         failAfterWrite: bool = False,
         hang: bool = False,
+        decline: bool = False,
         failRollback: bool = False,
+        journal: list[tuple[str, str, int]] | None = None,
     ) -> None:
         self.name = name
         self.failWith = failWith
         self.failAfterWrite = failAfterWrite
         self.hang = hang
+        self.decline = decline
         self.failRollback = failRollback
+        self.journal = [] if journal is None else journal
         self.documents: dict[str, Document] = {}
         self.undo: dict[int, _Undo] = {}
         self.calls: list[tuple[str, int]] = []
         self.hanging: list[Deferred[Verdict]] = []
 
+    def _called(self, method: str, uow: UnitOfWork) -> None:
+        self.calls.append((method, uow.id))
+        self.journal.append((self.name, method, uow.id))
+
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        self.calls.append(("stash", uow.id))
+        self._called("stash", uow)
+        if self.decline:
+            return succeed(Verdict.declined("told to decline"))
         if self.hang:
             waiting: Deferred[Verdict] = Deferred()
             self.hanging.append(waiting)
@@ -114,7 +128,7 @@ class MemoryStash:
         return Verdict.stored()
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
-        self.calls.append(("rollback", uow.id))
+        self._called("rollback", uow)
         if self.failRollback:
             raise OSError("told to fail rollback")
         undo = self.undo.get(uow.id)
@@ -136,7 +150,7 @@ class MemoryStash:
         return succeed(None)
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        self.calls.append(("commit", uow.id))
+        self._called("commit", uow)
         self.undo.pop(uow.id, None)
         return succeed(None)
 
@@ -192,6 +206,7 @@ class ContainerHarness:
         retry: RetryPolicy = RetryPolicy(),
         timeout: float = 30.0,
         concurrency: int = 16,
+        tokens: BearerTokens | None = None,
     ) -> None:
         self.clock = Clock()
         names = [stash.name for stash in stashes]
@@ -225,9 +240,9 @@ class ContainerHarness:
         started = Deferred.fromCoroutine(self.container.start())
         if not started.called:
             raise RuntimeError("a stash's start() did not finish synchronously")
-        self.ingress = Ingress(self.container, limits, self.clock)
-        self._client = StubTreq(self.ingress.app.resource())
-        self._admin = StubTreq(AdminAPI(self.container).app.resource())
+        self.ingress = Ingress(self.container, limits, self.clock, tokens)
+        self._client = StubTreq(self.ingress.resource())
+        self._admin = StubTreq(AdminAPI(self.container, tokens).app.resource())
 
     def send(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
@@ -306,3 +321,196 @@ class ContainerHarness:
         Send a request to the admin API and return its response.
         """
         return self.result(self.sendAdmin(method, path))
+
+
+class StashContractTests:
+    """
+    The stash contract, as a mixin for a L{twisted.trial.unittest.SynchronousTestCase}.
+
+    Mix it into a test case of your own and define C{makeStash()}, returning
+    a fresh, started stash whose Deferreds fire synchronously (run its
+    blocking calls with L{apicontainer.blocking.inline}). Each test proves one
+    rule of L{apicontainer.interfaces.IStash}.
+    """
+
+    def makeStash(self) -> IStash:
+        raise NotImplementedError("define makeStash() in your test case")
+
+    # Provided by the TestCase this is mixed into.
+    successResultOf: Any
+    assertEqual: Any
+    assertIsNone: Any
+    assertTrue: Any
+
+    def uow(self, uowId: int, body: bytes | None = b"body", key: str = "/items/1", attempt: int = 1) -> UnitOfWork:
+        """
+        A UOW writing C{body} to C{key}, or deleting it when C{body} is None.
+        """
+        return UnitOfWork(
+            id=uowId,
+            method="DELETE" if body is None else "PUT",
+            key=key,
+            route="/items/<id>",
+            body=body or b"",
+            contentType=None if body is None else "text/plain",
+            attempt=attempt,
+        )
+
+    def read(self, stash: Any, key: str = "/items/1") -> bytes | None:
+        document = self.successResultOf(stash.read(key))
+        return None if document is None else document.body
+
+    def test_verifyObject(self) -> None:
+        """
+        The stash provides IStash (and IReader, which the contract reads by).
+        """
+        from zope.interface.verify import verifyObject
+
+        stash = self.makeStash()
+        self.assertTrue(verifyObject(IStash, stash))
+        self.assertTrue(verifyObject(IReader, stash))
+
+    def test_stashThenCommitIsPermanent(self) -> None:
+        """
+        A stored and committed write stays, and a rollback after the commit
+        changes nothing.
+        """
+        stash = self.makeStash()
+        uow = self.uow(1, b"one")
+        self.assertEqual(self.successResultOf(stash.stash(uow)).kind.value, "stored")
+        self.successResultOf(stash.commit(uow))
+        self.successResultOf(stash.rollback(uow))
+        self.assertEqual(self.read(stash), b"one")
+
+    def test_rollbackRestoresAbsence(self) -> None:
+        """
+        Rolling back the first write of a key leaves the key absent.
+        """
+        stash = self.makeStash()
+        uow = self.uow(1, b"one")
+        self.successResultOf(stash.stash(uow))
+        self.assertEqual(self.read(stash), b"one")
+        self.successResultOf(stash.rollback(uow))
+        self.assertIsNone(self.read(stash))
+
+    def test_rollbackRestoresPreviousValue(self) -> None:
+        """
+        Rolling back a write restores the value it replaced.
+        """
+        stash = self.makeStash()
+        first, second = self.uow(1, b"one"), self.uow(2, b"two")
+        self.successResultOf(stash.stash(first))
+        self.successResultOf(stash.commit(first))
+        self.successResultOf(stash.stash(second))
+        self.successResultOf(stash.rollback(second))
+        self.assertEqual(self.read(stash), b"one")
+
+    def test_rollbackOfDeleteRestores(self) -> None:
+        """
+        A delete hides the document; its rollback brings it back.
+        """
+        stash = self.makeStash()
+        first, delete = self.uow(1, b"one"), self.uow(2, None)
+        self.successResultOf(stash.stash(first))
+        self.successResultOf(stash.commit(first))
+        self.successResultOf(stash.stash(delete))
+        self.assertIsNone(self.read(stash))
+        self.successResultOf(stash.rollback(delete))
+        self.assertEqual(self.read(stash), b"one")
+
+    def test_rollbackIsIdempotent(self) -> None:
+        """
+        A second rollback of the same UOW changes nothing.
+        """
+        stash = self.makeStash()
+        first, second = self.uow(1, b"one"), self.uow(2, b"two")
+        self.successResultOf(stash.stash(first))
+        self.successResultOf(stash.commit(first))
+        self.successResultOf(stash.stash(second))
+        self.successResultOf(stash.rollback(second))
+        self.successResultOf(stash.rollback(second))
+        self.assertEqual(self.read(stash), b"one")
+
+    def test_rollbackBeforeLateStash(self) -> None:
+        """
+        A rollback that arrives before its stash leaves nothing behind once
+        the late stash arrives.
+        """
+        stash = self.makeStash()
+        uow = self.uow(1, b"one")
+        self.successResultOf(stash.rollback(uow))
+        verdict = self.successResultOf(stash.stash(uow))
+        self.assertEqual(verdict.kind.value, "declined")
+        self.assertIsNone(self.read(stash))
+
+    def test_retryAfterRollbackStores(self) -> None:
+        """
+        A later attempt of a rolled-back UOW stores again.
+        """
+        stash = self.makeStash()
+        self.successResultOf(stash.stash(self.uow(1, b"one")))
+        self.successResultOf(stash.rollback(self.uow(1, b"one")))
+        retry = self.uow(1, b"one", attempt=2)
+        self.assertEqual(self.successResultOf(stash.stash(retry)).kind.value, "stored")
+        self.successResultOf(stash.commit(retry))
+        self.assertEqual(self.read(stash), b"one")
+
+    def test_replayStoresOnce(self) -> None:
+        """
+        Replaying a stored UOW stores nothing more: its rollback still
+        restores the value before it.
+        """
+        stash = self.makeStash()
+        first, second = self.uow(1, b"one"), self.uow(2, b"two")
+        self.successResultOf(stash.stash(first))
+        self.successResultOf(stash.commit(first))
+        self.successResultOf(stash.stash(second))
+        verdict = self.successResultOf(stash.stash(second))
+        self.assertEqual(verdict.kind.value, "stored")
+        self.successResultOf(stash.rollback(second))
+        self.assertEqual(self.read(stash), b"one")
+
+    def test_olderNeverOverwritesNewer(self) -> None:
+        """
+        A UOW older than the one that wrote the current value is declined
+        and changes nothing, also after a delete.
+        """
+        stash = self.makeStash()
+        newer, older = self.uow(5, b"new"), self.uow(3, b"old")
+        self.successResultOf(stash.stash(newer))
+        self.successResultOf(stash.commit(newer))
+        self.assertEqual(self.successResultOf(stash.stash(older)).kind.value, "declined")
+        self.assertEqual(self.read(stash), b"new")
+        delete = self.uow(6, None)
+        self.successResultOf(stash.stash(delete))
+        self.successResultOf(stash.commit(delete))
+        self.assertEqual(self.successResultOf(stash.stash(self.uow(4, b"old"))).kind.value, "declined")
+        self.assertIsNone(self.read(stash))
+
+    def test_rollbackNeverClobbersLaterWrite(self) -> None:
+        """
+        Rolling back a UOW whose write a later UOW replaced keeps the later
+        write; rolling that one back then restores the value before both.
+        """
+        stash = self.makeStash()
+        base, first, second = self.uow(1, b"base"), self.uow(2, b"one"), self.uow(3, b"two")
+        self.successResultOf(stash.stash(base))
+        self.successResultOf(stash.commit(base))
+        self.successResultOf(stash.stash(first))
+        self.successResultOf(stash.stash(second))
+        self.successResultOf(stash.rollback(first))
+        self.assertEqual(self.read(stash), b"two")
+        self.successResultOf(stash.rollback(second))
+        self.assertEqual(self.read(stash), b"base")
+
+    def test_keysAreIndependent(self) -> None:
+        """
+        A rollback on one key leaves another key alone.
+        """
+        stash = self.makeStash()
+        a, b = self.uow(1, b"a", key="/items/a"), self.uow(2, b"b", key="/items/b")
+        self.successResultOf(stash.stash(a))
+        self.successResultOf(stash.stash(b))
+        self.successResultOf(stash.rollback(a))
+        self.assertIsNone(self.read(stash, "/items/a"))
+        self.assertEqual(self.read(stash, "/items/b"), b"b")

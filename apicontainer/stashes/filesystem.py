@@ -141,8 +141,11 @@ class FilesystemStash:
 
         def failed(reason):  # type: ignore[no-untyped-def]
             reason.trap(OSError)
-            self.log.failure(
-                "stash {stash} could not store UOW {uow}", reason, stash=self.name, uow=uow.id
+            self.log.warn(
+                "stash {stash} could not store UOW {uow}: {error}",
+                stash=self.name,
+                uow=uow.id,
+                error=str(reason.value),
             )
             return Verdict.failed(503, f"filesystem: {reason.value}")
 

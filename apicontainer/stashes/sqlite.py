@@ -110,7 +110,12 @@ class SQLiteStash:
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         def failed(reason):  # type: ignore[no-untyped-def]
             reason.trap(sqlite3.Error)
-            self.log.failure("stash {stash} could not store UOW {uow}", reason, stash=self.name, uow=uow.id)
+            self.log.warn(
+                "stash {stash} could not store UOW {uow}: {error}",
+                stash=self.name,
+                uow=uow.id,
+                error=str(reason.value),
+            )
             return Verdict.failed(503, f"sqlite: {reason.value}")
 
         return self._blocking(self._stash, uow).addErrback(failed)

@@ -1,0 +1,486 @@
+"""
+The whole pipeline on a fake clock: ingress, spool, front queue, fanout,
+stash workers, rollback and fail queue, through apicontainer.testing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+from unittest import mock
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from apicontainer.auth import BearerTokens
+from apicontainer.config import Limits
+from apicontainer.testing import ContainerHarness, MemoryStash
+
+
+class PipelineTestCase(SynchronousTestCase):
+    def build(self, *stashes: MemoryStash, **kw: object) -> ContainerHarness:
+        self.dataDir = Path(self.mktemp())
+        return ContainerHarness(self.dataDir, stashes, **kw)  # type: ignore[arg-type]
+
+    def spooled(self) -> list[str]:
+        """
+        Every file in the spool directory, temporary ones included.
+        """
+        return sorted(os.listdir(self.dataDir / "spool"))
+
+
+class OutcomeTests(PipelineTestCase):
+    """
+    Each combination of verdicts settles as DESIGN.md section 4 says.
+    """
+
+    def test_storedEverywhere(self) -> None:
+        """
+        All stashes store: 200, the exact response body of the design, the
+        write in both, the spool file deleted, commit sent to each.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b")
+        h = self.build(a, b)
+        response = h.request("PUT", "/items/1", b'{"n": 1}', {"content-type": "application/json"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.json(),
+            {
+                "uow": 1,
+                "outcome": "stored",
+                "stashes": {
+                    "a": {"verdict": "stored", "status": 200},
+                    "b": {"verdict": "stored", "status": 200},
+                },
+            },
+        )
+        self.assertEqual(a.bodies(), {"/items/1": b'{"n": 1}'})
+        self.assertEqual(b.bodies(), {"/items/1": b'{"n": 1}'})
+        self.assertEqual(a.calls, [("stash", 1), ("commit", 1)])
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(h.container.failQueue.list(), [])
+
+    def test_declineIsSuccess(self) -> None:
+        """
+        A declining stash does not stop the others from committing.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", decline=True)
+        h = self.build(a, b)
+        response = h.request("POST", "/items/1", b"x")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.json()["stashes"]["b"], {"verdict": "declined", "status": 204, "detail": "told to decline"})
+        self.assertEqual(a.bodies(), {"/items/1": b"x"})
+        self.assertEqual(self.spooled(), [])
+
+    def test_clientErrorRejects(self) -> None:
+        """
+        A 4xx rolls back every stash, answers that 4xx, queues nothing and
+        deletes the spool file.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", failWith=422)
+        h = self.build(a, b)
+        h.request("PUT", "/items/1", b"old")
+        b.failWith = 422
+        response = h.request("PUT", "/items/1", b"new")
+        self.assertEqual(response.code, 422)
+        self.assertEqual(response.json()["outcome"], "rejected")
+        self.assertIsNone(response.header("location"))
+        self.assertEqual(a.bodies(), {})
+        self.assertIn(("rollback", 2), a.calls)
+        self.assertIn(("rollback", 2), b.calls)
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(h.container.failQueue.list(), [])
+
+    def test_firstClientErrorInConfigOrderWins(self) -> None:
+        """
+        With a 5xx and two 4xx, the answer is the 4xx of the first stash in
+        configuration order.
+        """
+        h = self.build(MemoryStash("a", failWith=503), MemoryStash("b", failWith=409), MemoryStash("c", failWith=400))
+        response = h.request("PUT", "/items/1", b"x")
+        self.assertEqual((response.code, response.json()["outcome"]), (409, "rejected"))
+
+    def test_serverErrorQueues(self) -> None:
+        """
+        A 5xx rolls back every stash to its before-image, answers the 5xx with
+        Location, records the UOW in the fail queue and keeps its spool file.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b")
+        h = self.build(a, b)
+        h.request("PUT", "/items/1", b"old")
+        b.failWith = 503
+        response = h.request("PUT", "/items/1", b"new")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.json()["outcome"], "queued")
+        self.assertEqual(response.header("location"), "/_uow/2")
+        self.assertEqual(a.bodies(), {"/items/1": b"old"})
+        self.assertEqual(self.spooled(), ["00000000000000000002.uow"])
+        [entry] = h.container.failQueue.list()
+        self.assertEqual((entry.uow, entry.state.value, entry.attempts), (2, "queued", 1))
+        self.assertTrue((self.dataDir / "failed" / "00000000000000000002.json").exists())
+
+    def test_failedHalfwayIsRolledBack(self) -> None:
+        """
+        A stash that wrote and then failed is rolled back too.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", failWith=500, failAfterWrite=True)
+        h = self.build(a, b)
+        response = h.request("PUT", "/items/1", b"x")
+        self.assertEqual(response.code, 500)
+        self.assertEqual(b.bodies(), {})
+        self.assertEqual(a.bodies(), {})
+
+    def test_rollbackInReverseConfigOrder(self) -> None:
+        """
+        Rollback goes to every stash, last configured first.
+        """
+        journal: list[tuple[str, str, int]] = []
+        stashes = [MemoryStash(n, journal=journal) for n in "abc"]
+        stashes[1].failWith = 503
+        h = self.build(*stashes)
+        h.request("PUT", "/items/1", b"x")
+        rollbacks = [name for name, method, _ in journal if method == "rollback"]
+        self.assertEqual(rollbacks, ["c", "b", "a"])
+
+    def test_timeoutIs504(self) -> None:
+        """
+        A stash that does not answer within timeout_s gets a 504 verdict on
+        the clock; the UOW is rolled back everywhere and queued.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", hang=True)
+        h = self.build(a, b, timeout=5.0)
+        pending = h.send("PUT", "/items/1", b"x")
+        self.assertEqual(a.bodies(), {"/items/1": b"x"})
+        h.clock.advance(4.9)
+        h.flush()
+        self.assertNoResult(pending)
+        h.clock.advance(0.2)
+        response = h.result(pending)
+        self.assertEqual(response.code, 504)
+        self.assertEqual(response.json()["stashes"]["b"]["status"], 504)
+        self.assertEqual(a.bodies(), {})
+        self.assertIn(("rollback", 1), b.calls)
+        self.assertEqual(len(h.container.failQueue.list()), 1)
+
+    def test_rollbackFailureLeavesUOWStuck(self) -> None:
+        """
+        When a rollback fails, the UOW is kept, spool file and all, as stuck.
+        """
+        a, b = MemoryStash("a", failRollback=True), MemoryStash("b", failWith=422)
+        h = self.build(a, b)
+        response = h.request("PUT", "/items/1", b"x")
+        self.assertEqual(response.code, 422)
+        [entry] = h.container.failQueue.list()
+        self.assertEqual(entry.state.value, "stuck")
+        self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_requestTimeout(self) -> None:
+        """
+        A UOW still under way after request_timeout_s answers 504 pending with
+        its Location; it settles later all the same.
+        """
+        a = MemoryStash("a", hang=True)
+        h = self.build(a, timeout=100.0, limits=Limits(requestTimeout=10.0))
+        pending = h.send("PUT", "/items/1", b"x")
+        h.clock.advance(10)
+        response = h.result(pending)
+        self.assertEqual((response.code, response.json()["outcome"]), (504, "pending"))
+        self.assertEqual(response.header("location"), "/_uow/1")
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "applying")
+        h.clock.advance(90)
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "queued")
+
+
+class OrderingTests(PipelineTestCase):
+    """
+    UOWs on one key are settled one at a time, in UOW order (invariant 4).
+    """
+
+    def test_sameKeyWaitsForRollback(self) -> None:
+        """
+        A second UOW on a key starts only once the first one's rollback is
+        done; a UOW on another key does not wait.
+        """
+        journal: list[tuple[str, str, int]] = []
+        a = MemoryStash("a", hang=True, journal=journal)
+        h = self.build(a, timeout=5.0)
+        first = h.send("PUT", "/items/1", b"one")
+        a.hang = False
+        second = h.send("PUT", "/items/1", b"two")
+        other = h.send("PUT", "/items/2", b"other")
+        self.assertEqual(h.result(other).code, 200)
+        self.assertNoResult(second)
+        self.assertNotIn(("a", "stash", 2), journal)
+        h.clock.advance(5)
+        self.assertEqual(h.result(first).code, 504)
+        self.assertEqual(h.result(second).code, 200)
+        self.assertLess(journal.index(("a", "rollback", 1)), journal.index(("a", "stash", 2)))
+        self.assertEqual(a.bodies(), {"/items/1": b"two", "/items/2": b"other"})
+
+    def test_frontQueueReleasesInIdOrder(self) -> None:
+        """
+        When spool writes finish out of order, UOWs still reach the fanout in
+        id order.
+        """
+        from twisted.internet.defer import Deferred
+
+        from apicontainer.frontqueue import FrontQueue
+        from apicontainer.uow import UnitOfWork
+
+        class SlowSpool:
+            def __init__(self) -> None:
+                self.writes: dict[int, Deferred[None]] = {}
+
+            def write(self, uow: UnitOfWork) -> Deferred[None]:
+                self.writes[uow.id] = Deferred()
+                return self.writes[uow.id]
+
+        from apicontainer.blocking import inline
+        from apicontainer.uowids import UOWIds
+
+        ids = UOWIds(Path(self.mktemp()), inline)
+        Path(self.mktemp()).mkdir()
+        ids._path.parent.mkdir(parents=True, exist_ok=True)
+        ids.open()
+        spool = SlowSpool()
+        front = FrontQueue(ids, spool)  # type: ignore[arg-type]
+        template = UnitOfWork(id=0, method="PUT", key="/k", route="/k", body=b"")
+        admissions = [Deferred.fromCoroutine(front.admit(template)) for _ in range(3)]
+        spool.writes[3].callback(None)
+        spool.writes[2].callback(None)
+        self.assertEqual(front.queue.pending, [])
+        spool.writes[1].callback(None)
+        self.assertEqual([a.uow.id for a in front.queue.pending], [1, 2, 3])
+        self.assertEqual([self.successResultOf(a).uow.id for a in admissions], [1, 2, 3])
+
+    def test_failedSpoolWriteDoesNotHoldOthers(self) -> None:
+        """
+        An id whose spool write failed is skipped, not waited for.
+        """
+        from twisted.internet.defer import Deferred
+
+        from apicontainer.blocking import inline
+        from apicontainer.frontqueue import FrontQueue
+        from apicontainer.spool import SpoolError
+        from apicontainer.uow import UnitOfWork
+        from apicontainer.uowids import UOWIds
+
+        class FlakySpool:
+            def write(self, uow: UnitOfWork) -> Deferred[None]:
+                if uow.id == 1:
+                    raise SpoolError("disk on fire")
+                return Deferred.fromCoroutine(self._ok())
+
+            async def _ok(self) -> None:
+                return None
+
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = UOWIds(path, inline)
+        ids.open()
+        front = FrontQueue(ids, FlakySpool())  # type: ignore[arg-type]
+        template = UnitOfWork(id=0, method="PUT", key="/k", route="/k", body=b"")
+        failed = Deferred.fromCoroutine(front.admit(template))
+        self.failureResultOf(failed, SpoolError)
+        self.successResultOf(Deferred.fromCoroutine(front.admit(template)))
+        self.assertEqual([a.uow.id for a in front.queue.pending], [2])
+
+
+class IngressRefusalTests(PipelineTestCase):
+    """
+    Requests refused before spooling get the JSON error DESIGN.md names and
+    leave nothing on disk.
+    """
+
+    def assertRefused(self, response: object, code: int, error: str) -> None:
+        self.assertEqual((response.code, response.json()["error"]), (code, error))  # type: ignore[attr-defined]
+        self.assertEqual(response.header("content-type"), "application/json")  # type: ignore[attr-defined]
+        self.assertEqual(self.spooled(), [])
+
+    def test_badKeys(self) -> None:
+        """
+        Dot segments, encoded slashes, NUL, bad UTF-8 and overlong paths are 400.
+        """
+        a = MemoryStash("a")
+        h = self.build(a)
+        for path in ("/items/..", "/items/%2e%2e", "/items/a%2Fb", "/items/a%00b", "/items/%ff", "/items/" + "x" * 2000, "/items//x"):
+            self.assertRefused(h.request("PUT", path, b"x"), 400, "bad_key")
+        self.assertEqual(a.calls, [])
+
+    def test_noRoute(self) -> None:
+        """
+        A path no route matches is 404.
+        """
+        self.assertRefused(self.build(MemoryStash("a")).request("PUT", "/other/1", b"x"), 404, "no_route")
+
+    def test_methodNotAllowed(self) -> None:
+        """
+        A method other than the mutations and reads is 405 with Allow; so is
+        a read on a route without read components.
+        """
+        h = self.build(MemoryStash("a"), routes=[("/items/<id>", None, None), ("/blind/<id>", None, [])])
+        response = h.request("OPTIONS", "/items/1")
+        self.assertRefused(response, 405, "method")
+        self.assertEqual(response.header("allow"), "DELETE, GET, HEAD, PATCH, POST, PUT")
+        response = h.request("GET", "/blind/1")
+        self.assertRefused(response, 405, "method")
+        self.assertEqual(response.header("allow"), "DELETE, PATCH, POST, PUT")
+
+    def test_tooLarge(self) -> None:
+        """
+        A body over max_body_bytes is 413.
+        """
+        h = self.build(MemoryStash("a"), limits=Limits(maxBodyBytes=10))
+        self.assertRefused(h.request("PUT", "/items/1", b"x" * 11), 413, "too_large")
+        self.assertEqual(h.request("PUT", "/items/1", b"x" * 10).code, 200)
+
+    def test_maxInFlight(self) -> None:
+        """
+        Past max_in_flight, 503 with Retry-After and nothing spooled.
+        """
+        h = self.build(MemoryStash("a", hang=True), limits=Limits(maxInFlight=1))
+        h.send("PUT", "/items/1", b"x")
+        response = h.request("PUT", "/items/2", b"y")
+        self.assertEqual((response.code, response.json()["error"]), (503, "busy"))
+        self.assertEqual(response.header("retry-after"), "1")
+        self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+
+    def test_diskFull(self) -> None:
+        """
+        ENOSPC while spooling is 503 with Retry-After; no spool file and no
+        temporary file is left, and no stash is called.
+        """
+        a = MemoryStash("a")
+        h = self.build(a)
+        with mock.patch("apicontainer.durable.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            response = h.request("PUT", "/items/1", b"x")
+        self.assertRefused(response, 503, "disk_full")
+        self.assertEqual(response.header("retry-after"), "5")
+        self.assertEqual(a.calls, [])
+        self.assertEqual(h.request("PUT", "/items/1", b"x").code, 200)
+
+    def test_fsyncErrorIsNever2xx(self) -> None:
+        """
+        EIO from fsync while spooling is a 500, and nothing is spooled.
+        """
+        a = MemoryStash("a")
+        h = self.build(a)
+        with mock.patch("apicontainer.durable.os.fsync", side_effect=OSError(errno.EIO, "Input/output error")):
+            response = h.request("PUT", "/items/1", b"x")
+        self.assertRefused(response, 500, "spool_failed")
+        self.assertEqual(a.calls, [])
+
+    def test_authentication(self) -> None:
+        """
+        With tokens configured, a missing or wrong token is 401 with
+        WWW-Authenticate before anything is spooled; the right one passes.
+        """
+        token = b"s3cret"
+        tokens = BearerTokens([hashlib.sha256(token).digest()])
+        h = self.build(MemoryStash("a"), tokens=tokens)
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic czNjcmV0"}):
+            response = h.request("PUT", "/items/1", b"x", headers)
+            self.assertRefused(response, 401, "unauthorized")
+            self.assertTrue(response.header("www-authenticate").startswith("Bearer"))
+        self.assertEqual(h.request("PUT", "/items/1", b"x", {"authorization": "Bearer s3cret"}).code, 200)
+        self.assertEqual(h.admin("GET", "/_health").code, 401)
+
+
+class ReadTests(PipelineTestCase):
+    """
+    GET and HEAD answer from the first read component that has the key.
+    """
+
+    def test_readFirstHit(self) -> None:
+        """
+        The first reader that has the document answers, with its content type.
+        """
+        a, b = MemoryStash("a", decline=True), MemoryStash("b")
+        h = self.build(a, b)
+        h.request("PUT", "/items/1", b"doc", {"content-type": "text/plain"})
+        response = h.request("GET", "/items/1")
+        self.assertEqual((response.code, response.body), (200, b"doc"))
+        self.assertEqual(response.header("content-type"), "text/plain")
+        self.assertEqual(h.request("HEAD", "/items/1").code, 200)
+
+    def test_readMissingAndDeleted(self) -> None:
+        """
+        An absent or deleted key is 404.
+        """
+        h = self.build(MemoryStash("a"))
+        self.assertEqual(h.request("GET", "/items/1").json()["error"], "not_found")
+        h.request("PUT", "/items/1", b"doc")
+        self.assertEqual(h.request("DELETE", "/items/1").code, 200)
+        self.assertEqual(h.request("GET", "/items/1").code, 404)
+
+
+class AdminTests(PipelineTestCase):
+    """
+    The admin API shows and drops what the pipeline did.
+    """
+
+    def test_health(self) -> None:
+        """
+        Health answers with the fail queue's counts.
+        """
+        h = self.build(MemoryStash("a", failWith=503))
+        h.request("PUT", "/items/1", b"x")
+        body = h.admin("GET", "/_health").json()
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(body["failed"]["queued"], 1)
+
+    def test_uowAndFailed(self) -> None:
+        """
+        /_uow/<id> shows a stored UOW's report and a failed one's entry;
+        /_failed lists and filters; unknown ids and states are refused.
+        """
+        a = MemoryStash("a")
+        h = self.build(a)
+        h.request("PUT", "/items/1", b"x")
+        a.failWith = 503
+        h.request("PUT", "/items/2", b"y")
+        stored = h.admin("GET", "/_uow/1").json()
+        self.assertEqual((stored["state"], stored["report"]["outcome"]), ("stored", "stored"))
+        failed = h.admin("GET", "/_uow/2").json()
+        self.assertEqual((failed["state"], failed["failed"]), ("queued", True))
+        self.assertEqual([e["uow"] for e in h.admin("GET", "/_failed").json()["failed"]], [2])
+        self.assertEqual(h.admin("GET", "/_failed?state=parked").json()["failed"], [])
+        self.assertEqual(h.admin("GET", "/_failed?state=bogus").code, 400)
+        self.assertEqual(h.admin("GET", "/_uow/99").code, 404)
+        self.assertEqual(h.admin("GET", "/_nothing").json()["error"], "no_route")
+        self.assertEqual(h.admin("POST", "/_health").code, 405)
+
+    def test_drop(self) -> None:
+        """
+        DELETE /_failed/<id> removes the entry and its spool file, durably.
+        """
+        h = self.build(MemoryStash("a", failWith=503))
+        h.request("PUT", "/items/1", b"x")
+        self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+        response = h.admin("DELETE", "/_failed/1")
+        self.assertEqual((response.code, response.json()["state"]), (200, "dropped"))
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(os.listdir(self.dataDir / "failed"), [])
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "dropped")
+        self.assertEqual(h.admin("DELETE", "/_failed/1").code, 404)
+
+
+class DurabilityTests(PipelineTestCase):
+    """
+    What the pipeline leaves on disk outlives the process.
+    """
+
+    def test_idsUniqueAcrossRestarts(self) -> None:
+        """
+        A container opened again on the same data directory never reuses an
+        id, and its fail queue comes back.
+        """
+        a = MemoryStash("a", failWith=503)
+        h = self.build(a)
+        first = h.request("PUT", "/items/1", b"x").json()["uow"]
+        again = ContainerHarness(self.dataDir, [MemoryStash("a")])
+        second = again.request("PUT", "/items/1", b"x").json()["uow"]
+        self.assertGreater(second, first)
+        self.assertEqual([e.uow for e in again.container.failQueue.list()], [first])

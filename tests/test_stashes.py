@@ -1,0 +1,193 @@
+"""
+The built-in stashes and the in-memory one keep the stash contract, and the
+embedded ones keep their own promises on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from apicontainer.blocking import inline
+from apicontainer.interfaces import IStartable
+from apicontainer.stashes.filesystem import FilesystemStash, encodeSegment
+from apicontainer.stashes.sqlite import SQLiteStash
+from apicontainer.testing import MemoryStash, StashContractTests
+from apicontainer.uow import UnitOfWork, VerdictKind
+
+
+class MemoryStashContractTests(StashContractTests, SynchronousTestCase):
+    """
+    The in-memory stash of apicontainer.testing keeps the contract.
+    """
+
+    def makeStash(self) -> MemoryStash:
+        return MemoryStash("memory")
+
+
+class SQLiteStashContractTests(StashContractTests, SynchronousTestCase):
+    """
+    The sqlite stash keeps the contract.
+    """
+
+    def makeStash(self) -> SQLiteStash:
+        stash = SQLiteStash("records", Path(self.mktemp()) / "records.sqlite3", inline)
+        self.successResultOf(stash.start())
+        self.addCleanup(stash.stop)
+        return stash
+
+
+class FilesystemStashContractTests(StashContractTests, SynchronousTestCase):
+    """
+    The filesystem stash keeps the contract.
+    """
+
+    def makeStash(self) -> FilesystemStash:
+        stash = FilesystemStash("files", Path(self.mktemp()), inline)
+        self.successResultOf(stash.start())
+        return stash
+
+
+def uow(uowId: int, key: str = "/items/1", body: bytes = b"x", **kw: object) -> UnitOfWork:
+    return UnitOfWork(id=uowId, method="PUT", key=key, route="/items/<id>", body=body, **kw)  # type: ignore[arg-type]
+
+
+class SQLiteStashTests(SynchronousTestCase):
+    """
+    What the sqlite stash writes to its database.
+    """
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp()) / "db.sqlite3"
+        self.stash = SQLiteStash("records", self.path, inline, table="docs")
+        self.successResultOf(self.stash.start())
+        self.addCleanup(self.stash.stop)
+
+    def test_interfaces(self) -> None:
+        """
+        It provides IStartable too.
+        """
+        self.assertTrue(verifyObject(IStartable, self.stash))
+
+    def test_walAndFullSync(self) -> None:
+        """
+        The database is in WAL mode with synchronous=FULL (2).
+        """
+        connection = self.stash._connection
+        assert connection is not None
+        self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(connection.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_rowAndUndoInOneTransaction(self) -> None:
+        """
+        A stored UOW leaves the row with its content type and UOW, and an undo
+        row with the before-image; commit forgets the undo row.
+        """
+        first = uow(1, body=b"one", contentType="text/plain")
+        self.successResultOf(self.stash.stash(first))
+        self.successResultOf(self.stash.commit(first))
+        second = uow(2, body=b"two")
+        self.successResultOf(self.stash.stash(second))
+        db = sqlite3.connect(self.path)
+        self.assertEqual(
+            db.execute("SELECT key, body, content_type, uow FROM docs").fetchall(),
+            [("/items/1", b"two", None, 2)],
+        )
+        self.assertEqual(
+            db.execute("SELECT uow, state, had_row, body, content_type, prev_uow FROM docs_undo").fetchall(),
+            [(2, "prepared", 1, b"one", "text/plain", 1)],
+        )
+        self.successResultOf(self.stash.commit(second))
+        self.assertEqual(db.execute("SELECT count(*) FROM docs_undo").fetchone()[0], 0)
+
+    def test_databaseErrorIs503(self) -> None:
+        """
+        A stash that cannot write answers a 503 verdict, not an exception.
+        """
+        self.successResultOf(self.stash.stop())
+        verdict = self.successResultOf(self.stash.stash(uow(1)))
+        self.assertEqual((verdict.kind, verdict.status), (VerdictKind.failed, 503))
+
+
+class FilesystemStashTests(SynchronousTestCase):
+    """
+    What the filesystem stash writes to disk.
+    """
+
+    def setUp(self) -> None:
+        self.root = Path(self.mktemp())
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+
+    def test_readableLayout(self) -> None:
+        """
+        The document is a symlink to its version file, which holds the body,
+        beside its content type.
+        """
+        self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
+        pointer = self.root / "items" / "42.doc"
+        self.assertEqual(os.readlink(pointer), "42.v7")
+        self.assertEqual(pointer.read_bytes(), b"hello")
+        self.assertEqual((self.root / "items" / "42.v7.type").read_text(), "text/plain")
+
+    def test_commitRemovesOldVersion(self) -> None:
+        """
+        After commit only the current version is left.
+        """
+        for uowId, body in ((1, b"one"), (2, b"two")):
+            self.successResultOf(self.stash.stash(uow(uowId, body=body)))
+            self.successResultOf(self.stash.commit(uow(uowId)))
+        self.assertEqual(sorted(p.name for p in (self.root / "items").iterdir()), ["1.doc", "1.v2"])
+        self.assertEqual(list((self.root / ".undo").iterdir()), [])
+
+    def test_hostileKeysStayInsideRoot(self) -> None:
+        """
+        Keys whose segments look like path tricks map to plain names under
+        the root.
+        """
+        outside = self.root.parent / "escaped"
+        for key in ("/../escaped", "/a/../../escaped", "/.undo/1.json", "/%2e%2e", "/x.doc/y", "/~a"):
+            self.successResultOf(self.stash.stash(uow(len(key), key, b"z")))
+        self.assertFalse(outside.exists())
+        for path in self.root.rglob("*"):
+            self.assertTrue(path.resolve().is_relative_to(self.root.resolve()), path)
+        self.assertEqual(encodeSegment(".."), "%2E%2E")
+        self.assertEqual(encodeSegment("a/b"), "a%2Fb")
+        self.assertTrue(encodeSegment("x" * 500).startswith("~"))
+
+    def test_partOnly(self) -> None:
+        """
+        With part set, only that multipart part is stored; a request without
+        it is declined and writes nothing.
+        """
+        stash = FilesystemStash("images", self.root / "images", inline, part="image")
+        self.successResultOf(stash.start())
+        boundary = "XyZ"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"doc\"\r\n\r\n{{}}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\nPNGDATA\r\n--{boundary}--\r\n"
+        ).encode()
+        ctype = f"multipart/form-data; boundary={boundary}"
+        verdict = self.successResultOf(stash.stash(uow(1, body=body, contentType=ctype)))
+        self.assertEqual(verdict.kind, VerdictKind.stored)
+        document = self.successResultOf(stash.read("/items/1"))
+        self.assertEqual((document.body, document.contentType), (b"PNGDATA", "image/png"))
+        declined = self.successResultOf(stash.stash(uow(2, "/items/2", b"{}", contentType="application/json")))
+        self.assertEqual(declined.kind, VerdictKind.declined)
+        self.assertIsNone(self.successResultOf(stash.read("/items/2")))
+
+    def test_rootReplacedByFileIs503(self) -> None:
+        """
+        When the root is no longer a directory, the verdict is a 503.
+        """
+        import shutil
+
+        shutil.rmtree(self.root)
+        self.root.write_bytes(b"not a directory")
+        verdict = self.successResultOf(self.stash.stash(uow(1)))
+        self.assertEqual((verdict.kind, verdict.status), (VerdictKind.failed, 503))
