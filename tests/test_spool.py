@@ -1,0 +1,254 @@
+"""
+The spool's frame, its durable writes, and the UOW id and fail queue
+records beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from unittest import mock
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from apicontainer import durable
+from apicontainer.blocking import inline
+from apicontainer.failqueue import FailedState, FileFailQueue, RetryPolicy
+from apicontainer.spool import CorruptSpoolFile, Spool, SpoolError, SpoolFull, decode, encode
+from apicontainer.uow import Report, UnitOfWork, Verdict
+from apicontainer.uowids import UOWIds
+
+
+def sample(uowId: int = 7, body: bytes = b'{"a": 1}') -> UnitOfWork:
+    return UnitOfWork(
+        id=uowId,
+        method="PUT",
+        key="/items/\u00e9",
+        route="/items/<id>",
+        body=body,
+        contentType="application/json",
+        receivedAt=1234.5,
+        idempotencyKey="k-1",
+    )
+
+
+class FrameTests(SynchronousTestCase):
+    """
+    A spool file decodes to exactly what was written, and every torn or
+    corrupt variant is detected.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        Every field survives encode and decode.
+        """
+        uow = sample()
+        self.assertEqual(decode(b"".join(encode(uow))), uow)
+
+    def test_everyTruncationDetected(self) -> None:
+        """
+        A file cut at any length is refused.
+        """
+        data = b"".join(encode(sample()))
+        for length in range(len(data)):
+            with self.assertRaises(CorruptSpoolFile):
+                decode(data[:length])
+
+    def test_everyByteFlipDetected(self) -> None:
+        """
+        A file with any one byte changed is refused.
+        """
+        data = b"".join(encode(sample()))
+        for index in range(len(data)):
+            corrupt = bytearray(data)
+            corrupt[index] ^= 0x41
+            with self.assertRaises(CorruptSpoolFile):
+                decode(bytes(corrupt))
+
+    def test_trailingGarbageDetected(self) -> None:
+        """
+        Extra bytes after the checksum are refused.
+        """
+        with self.assertRaises(CorruptSpoolFile):
+            decode(b"".join(encode(sample())) + b"\0")
+
+
+class SpoolTests(SynchronousTestCase):
+    """
+    Spool files are written durably, read back, deleted and quarantined.
+    """
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.spool = Spool(self.base / "spool", self.base / "quarantine", inline)
+        self.spool.open()
+
+    def test_writeIsDurable(self) -> None:
+        """
+        The file is fsynced before it is renamed into place, and then the
+        directory is fsynced; no temporary file is left.
+        """
+        events: list[str] = []
+        realFsync, realRename = os.fsync, os.rename
+
+        def fsync(fd: int) -> None:
+            events.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+            realFsync(fd)
+
+        def rename(a: object, b: object) -> None:
+            events.append("rename")
+            realRename(a, b)  # type: ignore[arg-type]
+
+        with mock.patch.object(durable.os, "fsync", fsync), mock.patch.object(durable.os, "rename", rename):
+            self.successResultOf(self.spool.write(sample()))
+        self.assertEqual(events, ["fsync-file", "rename", "fsync-dir"])
+        self.assertEqual(os.listdir(self.spool.directory), ["00000000000000000007.uow"])
+        self.assertEqual(self.successResultOf(self.spool.load(7)), sample())
+        self.assertEqual(self.spool.pending(), [7])
+
+    def test_diskFull(self) -> None:
+        """
+        ENOSPC is SpoolFull; EIO is SpoolError; neither leaves a file.
+        """
+        import errno
+
+        for code, error in ((errno.ENOSPC, SpoolFull), (errno.EIO, SpoolError)):
+            with mock.patch.object(durable.os, "write", side_effect=OSError(code, os.strerror(code))):
+                self.failureResultOf(self.spool.write(sample()), error)
+            self.assertEqual(os.listdir(self.spool.directory), [])
+
+    def test_deleteAndQuarantine(self) -> None:
+        """
+        Delete removes the file; quarantine moves a corrupt one aside, out of
+        the pending list.
+        """
+        self.successResultOf(self.spool.write(sample(1)))
+        self.successResultOf(self.spool.write(sample(2)))
+        self.assertTrue(self.successResultOf(self.spool.delete(1)))
+        self.assertFalse(self.successResultOf(self.spool.delete(1)))
+        path = self.spool.path(2)
+        path.write_bytes(path.read_bytes()[:-3])
+        self.failureResultOf(self.spool.load(2), CorruptSpoolFile)
+        moved = self.successResultOf(self.spool.quarantine(2))
+        self.assertEqual(moved.parent, self.base / "quarantine")
+        self.assertEqual(self.spool.pending(), [])
+        self.flushLoggedErrors()
+
+    def test_wrongIdInFile(self) -> None:
+        """
+        A valid frame under another UOW's name is refused.
+        """
+        self.spool.path(3).write_bytes(b"".join(encode(sample(4))))
+        self.failureResultOf(self.spool.load(3), CorruptSpoolFile)
+
+
+class UOWIdTests(SynchronousTestCase):
+    """
+    UOW ids are unique for the life of the data directory.
+    """
+
+    def test_uniqueAcrossRestarts(self) -> None:
+        """
+        Ids keep rising across blocks and reopenings, never repeating.
+        """
+        path = Path(self.mktemp())
+        seen: list[int] = []
+        for _ in range(3):
+            ids = UOWIds(path, inline, blockSize=4)
+            ids.open()
+            for _ in range(6):
+                seen.append(self.successResultOf(ids_allocate(ids)))
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(seen, sorted(seen))
+        self.assertEqual(seen[:6], [1, 2, 3, 4, 5, 6])
+
+    def test_corruptRecord(self) -> None:
+        """
+        An unreadable record stops the start rather than risk reusing ids.
+        """
+        path = Path(self.mktemp())
+        path.write_text("garbage")
+        with self.assertRaises(ValueError):
+            UOWIds(path, inline).open()
+
+
+def ids_allocate(ids: UOWIds):  # type: ignore[no-untyped-def]
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(ids.allocate())
+
+
+class FailQueueTests(SynchronousTestCase):
+    """
+    The file fail queue records entries durably and schedules retries on its
+    clock.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.clock = Clock()
+        self.queue = self.make()
+
+    def make(self) -> FileFailQueue:
+        queue = FileFailQueue(self.directory, inline, self.clock, RetryPolicy(1, 2, 5, 3))
+        self.assertEqual(queue.open(), [])
+        return queue
+
+    def report(self, uowId: int) -> Report:
+        uow = sample(uowId)
+        return Report.fromVerdicts(uow, {"a": Verdict.failed(503, "down")})
+
+    def test_backoffAndParking(self) -> None:
+        """
+        Delays double up to max_delay_s; after max_attempts the entry parks.
+        """
+        self.assertEqual([RetryPolicy(1, 2, 5, 3).delayAfter(n) for n in (1, 2, 3, 4)], [1, 2, 4, 5])
+        self.clock.advance(100)
+        entry = self.queue.failed(self.report(1), "/items/<id>", attempt=1, stuck=False)
+        self.assertEqual((entry.state, entry.nextAttemptAt), (FailedState.queued, 101))
+        parked = self.queue.failed(self.report(1), "/items/<id>", attempt=3, stuck=False)
+        self.assertEqual((parked.state, parked.nextAttemptAt), (FailedState.parked, None))
+
+    def test_durableAndReloaded(self) -> None:
+        """
+        Entries survive a reopening; one that was retrying comes back queued.
+        """
+        self.successResultOf(self.queue.put(self.queue.failed(self.report(2), "/r", 1, False)))
+        self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r", 1, False)))
+        self.assertEqual(self.queue.takeDue(), [])
+        self.clock.advance(1)
+        self.assertEqual([e.uow for e in self.queue.takeDue()], [1, 2])
+        reopened = self.make()
+        self.assertEqual([(e.uow, e.state) for e in reopened.list()], [(1, FailedState.queued), (2, FailedState.queued)])
+        self.assertEqual(reopened.get(1).report, self.report(1))
+
+    def test_drop(self) -> None:
+        """
+        Dropping removes the file; dropping twice finds nothing.
+        """
+        self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r", 1, False)))
+        self.assertEqual(self.successResultOf(self.queue.drop(1)).uow, 1)
+        self.assertIsNone(self.successResultOf(self.queue.drop(1)))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_unreadableEntryReported(self) -> None:
+        """
+        A damaged entry file is reported and left in place, not deleted.
+        """
+        (self.directory / "00000000000000000009.json").write_text("{")
+        queue = FileFailQueue(self.directory, inline, self.clock, RetryPolicy())
+        self.assertEqual([p.name for p in queue.open()], ["00000000000000000009.json"])
+        self.assertTrue((self.directory / "00000000000000000009.json").exists())
+        self.assertEqual(json.loads((self.directory / "00000000000000000009.json").read_text() + "}"), {})
+
+    def test_interface(self) -> None:
+        """
+        The file fail queue provides IFailQueue.
+        """
+        from zope.interface.verify import verifyObject
+
+        from apicontainer.interfaces import IFailQueue
+
+        self.assertTrue(verifyObject(IFailQueue, self.queue))
