@@ -21,7 +21,7 @@ from zope.interface import implementer
 from .blocking import Blocking
 from .durable import makeDirectories, removeDurably, writeAtomically
 from .interfaces import IFailQueue
-from .uow import Report
+from .uow import Outcome, Report
 
 
 class FailedState(str, Enum):
@@ -31,7 +31,8 @@ class FailedState(str, Enum):
     @cvar queued: Waiting for its next attempt.
     @cvar retrying: An attempt is under way.
     @cvar parked: Out of attempts; waits for an operator.
-    @cvar stuck: A rollback failed; waits for an operator.
+    @cvar stuck: A rejected UOW whose rollback failed; it cannot be retried,
+        only its rollback can, and it waits for that or for an operator.
     """
 
     queued = "queued"
@@ -68,6 +69,9 @@ class FailedUOW:
     @ivar report: The last attempt's report.
     @ivar nextAttemptAt: When the next attempt is due (POSIX seconds on the
         queue's clock), or L{None} when none is scheduled.
+    @ivar rollbackFailed: The stashes whose rollback failed in the last
+        attempt; they may hold part of the UOW until it is retried or rolled
+        back again.
     """
 
     uow: int
@@ -79,6 +83,7 @@ class FailedUOW:
     firstFailedAt: float
     lastFailedAt: float
     nextAttemptAt: float | None
+    rollbackFailed: tuple[str, ...] = ()
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -94,6 +99,7 @@ class FailedUOW:
             "first_failed_at": self.firstFailedAt,
             "last_failed_at": self.lastFailedAt,
             "next_attempt_at": self.nextAttemptAt,
+            "rollback_failed": list(self.rollbackFailed),
         }
 
     @classmethod
@@ -111,6 +117,7 @@ class FailedUOW:
             firstFailedAt=float(data["first_failed_at"]),
             lastFailedAt=float(data["last_failed_at"]),
             nextAttemptAt=data["next_attempt_at"],
+            rollbackFailed=tuple(data.get("rollback_failed", ())),
         )
 
 
@@ -153,16 +160,20 @@ class FileFailQueue:
     def _path(self, uowId: int) -> Path:
         return self.directory / f"{uowId:020d}.json"
 
-    def failed(self, report: Report, route: str, attempt: int, stuck: bool) -> FailedUOW:
+    def failed(
+        self, report: Report, route: str, attempt: int, rollbackFailed: tuple[str, ...] = ()
+    ) -> FailedUOW:
         """
         Build the entry for a UOW whose attempt number C{attempt} failed.
 
-        The next attempt is scheduled by the retry policy; after
-        C{maxAttempts} the entry is parked instead.
+        A 5xx UOW gets its next attempt scheduled by the retry policy (which
+        also settles any rollback that failed), or is parked after
+        C{maxAttempts}. A rejected UOW is only here when a rollback failed:
+        it is stuck.
         """
         now = self._clock.seconds()
         previous = self._entries.get(report.uow)
-        if stuck:
+        if report.outcome is Outcome.rejected:
             state, due = FailedState.stuck, None
         elif attempt >= self.retry.maxAttempts:
             state, due = FailedState.parked, None
@@ -178,6 +189,7 @@ class FileFailQueue:
             firstFailedAt=previous.firstFailedAt if previous else now,
             lastFailedAt=now,
             nextAttemptAt=due,
+            rollbackFailed=rollbackFailed,
         )
 
     def put(self, entry: FailedUOW) -> Deferred[None]:

@@ -133,8 +133,8 @@ class Fanout:
         else:
             unfinished = await self._everywhere("rollback", uow, list(reversed(names)))
             if unfinished or report.outcome is Outcome.queued:
-                state = UOWState.stuck if unfinished else UOWState.queued
-                entry = self._failQueue.failed(report, uow.route, uow.attempt, stuck=bool(unfinished))
+                state = UOWState.queued if report.outcome is Outcome.queued else UOWState.stuck
+                entry = self._failQueue.failed(report, uow.route, uow.attempt, tuple(unfinished))
                 try:
                     await self._failQueue.put(entry)
                 except Exception:

@@ -163,17 +163,32 @@ class OutcomeTests(PipelineTestCase):
         self.assertIn(("rollback", 1), b.calls)
         self.assertEqual(len(h.container.failQueue.list()), 1)
 
-    def test_rollbackFailureLeavesUOWStuck(self) -> None:
+    def test_rollbackFailureLeavesRejectedUOWStuck(self) -> None:
         """
-        When a rollback fails, the UOW is kept, spool file and all, as stuck.
+        When a rollback of a rejected UOW fails, the UOW is kept, spool file
+        and all, as stuck.
         """
         a, b = MemoryStash("a", failRollback=True), MemoryStash("b", failWith=422)
         h = self.build(a, b)
         response = h.request("PUT", "/items/1", b"x")
         self.assertEqual(response.code, 422)
         [entry] = h.container.failQueue.list()
-        self.assertEqual(entry.state.value, "stuck")
+        self.assertEqual((entry.state.value, entry.rollbackFailed), ("stuck", ("a",)))
         self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_rollbackFailureOfQueuedUOW(self) -> None:
+        """
+        When a rollback of a 5xx UOW fails, the UOW is queued for its retry
+        (which settles it one way or the other), naming the stash.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", failWith=503, failRollback=True)
+        h = self.build(a, b)
+        response = h.request("PUT", "/items/1", b"x")
+        self.assertEqual(response.code, 503)
+        [entry] = h.container.failQueue.list()
+        self.assertEqual((entry.state.value, entry.rollbackFailed), ("queued", ("b",)))
+        self.assertEqual(a.bodies(), {})
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_requestTimeout(self) -> None:

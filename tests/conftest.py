@@ -1,0 +1,121 @@
+"""
+Fixtures that run the real server, `twist apicontainer`, on loopback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+TWIST = [str(Path(sys.executable).parent / "twist")]
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    """
+    A `twist apicontainer` subprocess with its ports and data directory.
+    """
+
+    def __init__(self, directory: Path, config: str) -> None:
+        self.directory = directory
+        self.port = freePort()
+        self.adminPort = freePort()
+        self.dataDir = directory / "var"
+        self.configPath = directory / "config.yaml"
+        self.configPath.write_text(
+            textwrap.dedent(config).format(
+                port=self.port, admin=self.adminPort, data=self.dataDir
+            )
+        )
+        self.log = directory / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*TWIST, "apicontainer", "--config", str(self.configPath)],
+                cwd=self.directory,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if self.admin("GET", "/_health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not become healthy in 30s")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+
+    def _call(self, port: int, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """
+        A blocking request to ingress.
+        """
+        return self._call(self.port, method, path, body, headers or {})
+
+    def admin(self, method: str, path: str) -> tuple[int, Any]:
+        """
+        A blocking request to the admin API; the JSON body decoded.
+        """
+        status, _, body = self._call(self.adminPort, method, path, None, {})
+        return status, json.loads(body)
+
+
+DEFAULT = """\
+listen: "tcp:{port}:interface=127.0.0.1"
+admin_listen: "tcp:{admin}:interface=127.0.0.1"
+data_dir: {data}
+limits: {{max_body_bytes: 65536}}
+stashes:
+  records: {{type: sqlite, path: records.sqlite3}}
+  files: {{type: filesystem, root: files}}
+routes:
+  - path: /items/<id>
+    stashes: [records, files]
+    read: [records, files]
+"""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    """
+    The real server on the SQLite + filesystem config, on free loopback ports.
+    """
+    running = RunningServer(tmp_path, DEFAULT)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.kill(signal.SIGTERM)
