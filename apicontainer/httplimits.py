@@ -14,7 +14,7 @@ def rawResponse(status: int, reason: str, body: dict[str, Any], extra: str = "")
     """
     A complete HTTP/1.1 response that closes the connection.
     """
-    payload = json.dumps(body).encode()
+    payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
     return (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n{extra}\r\n"

@@ -179,7 +179,7 @@ class Ingress:
         headers: dict[str, Any] = {}
         if report.outcome is Outcome.queued:
             headers["location"] = location
-        return jsonResponse(request, report.status, report.asJSON(), **headers)
+        return jsonResponse(request, report.status, report.asJSON(forClient=True), **headers)
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Any) -> bytes:

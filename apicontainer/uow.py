@@ -120,12 +120,16 @@ class Verdict:
         """
         return self.kind is not VerdictKind.failed
 
-    def asJSON(self) -> dict[str, Any]:
+    def asJSON(self, forClient: bool = False) -> dict[str, Any]:
         """
         The verdict as it appears in responses and logs.
+
+        @param forClient: Leave out the detail of a 5xx: it describes the
+            destination's fault (paths, hosts) and is for operators, who see
+            it in the log and the admin API.
         """
         result: dict[str, Any] = {"verdict": self.kind.value, "status": self.status}
-        if self.detail:
+        if self.detail and not (forClient and self.status >= 500):
             result["detail"] = self.detail
         return result
 
@@ -177,14 +181,15 @@ class Report:
             return cls(uow.id, uow.key, Outcome.rejected, clientErrors[0], verdicts)
         return cls(uow.id, uow.key, Outcome.queued, failures[0], verdicts)
 
-    def asJSON(self) -> dict[str, Any]:
+    def asJSON(self, forClient: bool = False) -> dict[str, Any]:
         """
-        The report as the response body of the mutation.
+        The report as the response body of the mutation (C{forClient}) or
+        with every detail, for the fail queue and the logs.
         """
         return {
             "uow": self.uow,
             "outcome": self.outcome.value,
-            "stashes": {name: v.asJSON() for name, v in self.verdicts.items()},
+            "stashes": {name: v.asJSON(forClient) for name, v in self.verdicts.items()},
         }
 
     @classmethod

@@ -5,6 +5,7 @@ in SQLite and on disk or in neither, and bad input changes nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+import treq
+from twisted.internet.defer import Deferred, DeferredList
 
 from .conftest import DEFAULT, TWIST, RunningServer
 
@@ -38,7 +42,7 @@ def test_writeLandsInBothStores(server: RunningServer) -> None:
     status, headers, body = server.request("PUT", "/items/42", b'{"name": "widget"}', {"Content-Type": "application/json"})
     assert status == 200, body
     assert headers["content-type"] == "application/json"
-    report = __import__("json").loads(body)
+    report = json.loads(body)
     assert report["outcome"] == "stored"
     assert report["stashes"] == {
         "records": {"verdict": "stored", "status": 200},
@@ -62,7 +66,7 @@ def test_brokenDestinationRollsBack(server: RunningServer) -> None:
     shutil.rmtree(root)
     root.write_bytes(b"not a directory")
     status, headers, body = server.request("PUT", "/items/1", b"new")
-    report = __import__("json").loads(body)
+    report = json.loads(body)
     assert status == 503, body
     assert report["outcome"] == "queued"
     assert report["stashes"]["records"]["verdict"] == "stored"
@@ -88,14 +92,14 @@ def test_ackSurvivesKill9(server: RunningServer) -> None:
     """
     status, _, body = server.request("PUT", "/items/7", b"durable")
     assert status == 200
-    first = __import__("json").loads(body)["uow"]
+    first = json.loads(body)["uow"]
     server.kill(signal.SIGKILL)
     assert sqliteRow(server, "/items/7") == (b"durable", first)
     assert (server.dataDir / "files" / "items" / "7.doc").read_bytes() == b"durable"
     server.start()
     assert server.request("GET", "/items/7")[2] == b"durable"
     status, _, body = server.request("PUT", "/items/8", b"next")
-    assert __import__("json").loads(body)["uow"] > first
+    assert json.loads(body)["uow"] > first
 
 
 def rawExchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[bytes, int]:
@@ -222,3 +226,28 @@ def test_defaultConfigWithoutFlag(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrentWritesOnOneKey(server: RunningServer) -> None:
+    """
+    Concurrent writes from a treq client, many on one key and some on others,
+    are all stored; on the shared key the stores end with the write of the
+    highest UOW id, in both stores alike.
+    """
+    base = f"http://127.0.0.1:{server.port}"
+
+    async def put(path: str, body: bytes) -> dict:  # type: ignore[type-arg]
+        response = await treq.put(base + path, data=body)
+        assert response.code == 200
+        return json.loads(await response.content())  # type: ignore[no-any-return]
+
+    writes = [("/items/shared", b"v%d" % i) for i in range(30)]
+    writes += [(f"/items/k{i}", b"k%d" % i) for i in range(10)]
+    results = await DeferredList([Deferred.fromCoroutine(put(p, b)) for p, b in writes], fireOnOneErrback=True, consumeErrors=True)
+    reports = {report["uow"]: writes[i] for i, (ok, report) in enumerate(results)}
+    assert len(reports) == len(writes)
+    lastOnShared = max(uow for uow, (path, _) in reports.items() if path == "/items/shared")
+    expected = reports[lastOnShared][1]
+    assert sqliteRow(server, "/items/shared") == (expected, lastOnShared)
+    assert (server.dataDir / "files" / "items" / "shared.doc").read_bytes() == expected

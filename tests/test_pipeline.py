@@ -85,6 +85,7 @@ class OutcomeTests(PipelineTestCase):
         response = h.request("PUT", "/items/1", b"new")
         self.assertEqual(response.code, 422)
         self.assertEqual(response.json()["outcome"], "rejected")
+        self.assertEqual(response.json()["stashes"]["b"]["detail"], "told to fail")
         self.assertIsNone(response.header("location"))
         self.assertEqual(a.bodies(), {})
         self.assertIn(("rollback", 2), a.calls)
@@ -114,10 +115,12 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual(response.code, 503)
         self.assertEqual(response.json()["outcome"], "queued")
         self.assertEqual(response.header("location"), "/_uow/2")
+        self.assertEqual(response.json()["stashes"]["b"], {"verdict": "failed", "status": 503})
         self.assertEqual(a.bodies(), {"/items/1": b"old"})
         self.assertEqual(self.spooled(), ["00000000000000000002.uow"])
         [entry] = h.container.failQueue.list()
         self.assertEqual((entry.uow, entry.state.value, entry.attempts), (2, "queued", 1))
+        self.assertEqual(entry.report.verdicts["b"].detail, "told to fail")
         self.assertTrue((self.dataDir / "failed" / "00000000000000000002.json").exists())
 
     def test_failedHalfwayIsRolledBack(self) -> None:

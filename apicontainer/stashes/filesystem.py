@@ -176,6 +176,7 @@ class FilesystemStash:
                     syncDirectory=False,
                 )
             fsyncDirectory(pointer.parent)
+        makeDirectories(self._undo)  # brings the stash back after its root was restored
         undo = {
             "key": uow.key,
             "attempt": uow.attempt,
@@ -226,6 +227,7 @@ class FilesystemStash:
                 self._handOver(undo)
             self._removeVersion(pointer.parent, undo["target"])
         attempt = max(self._rolledBackAttempt(uow.id), uow.attempt)
+        makeDirectories(self._rolledBack)
         writeAtomically(self._rolledBack / str(uow.id), [b"%d" % (attempt,)])
         if undo is not None:
             removeDurably(self._undoPath(uow.id))
