@@ -336,7 +336,7 @@ def _stashes(section: Section, knownTypes: frozenset[str]) -> dict[str, StashSpe
 
 
 def _routes(top: Section, stashes: dict[str, StashSpec]) -> tuple[RouteSpec, ...]:
-    routes = []
+    routes: list[RouteSpec] = []
     rules = Map()
     for route in top.sequence("routes"):
         path = route.string("path")

@@ -87,8 +87,8 @@ class Container:
             route.path: [name for name in config.stashes if name in route.stashes]
             for route in config.routes
         }
-        self.readers = {
-            route.path: [stashes[name] for name in route.read] for route in config.routes
+        self.readers: dict[str, list[IReader]] = {
+            route.path: [IReader(stashes[name]) for name in route.read] for route in config.routes
         }
         self.front: FrontQueue | None = None
         self.fanout: Fanout | None = None

@@ -8,6 +8,7 @@ until the UOW is stored, rejected or dropped.
 
 from __future__ import annotations
 
+import builtins
 import json
 from enum import Enum
 from pathlib import Path
@@ -205,14 +206,14 @@ class FileFailQueue:
     def get(self, uowId: int) -> FailedUOW | None:
         return self._entries.get(uowId)
 
-    def list(self, state: FailedState | None = None) -> list[FailedUOW]:
+    def list(self, state: FailedState | None = None) -> builtins.list[FailedUOW]:
         return [
             self._entries[uowId]
             for uowId in sorted(self._entries)
             if state is None or self._entries[uowId].state is state
         ]
 
-    def takeDue(self) -> list[FailedUOW]:
+    def takeDue(self) -> builtins.list[FailedUOW]:
         now = self._clock.seconds()
         due = []
         for entry in self.list(FailedState.queued):

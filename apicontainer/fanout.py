@@ -121,10 +121,10 @@ class Fanout:
             self._workers[name].queue.put(delivery)
             pending.append(delivery.verdict)
         results = await DeferredList(pending, consumeErrors=True)
-        verdicts = {
-            name: value if ok else Verdict.failed(500, str(value.value))
-            for name, (ok, value) in zip(names, results)
-        }
+        verdicts: dict[str, Verdict] = {}
+        for name, (ok, value) in zip(names, results):
+            # A worker turns every error into a verdict; a failure here is a bug.
+            verdicts[name] = value if ok else Verdict.failed(500, str(value.value))  # type: ignore[attr-defined]
         report = Report.fromVerdicts(uow, verdicts)
         if report.outcome is Outcome.stored:
             await self._everywhere("commit", uow, names)

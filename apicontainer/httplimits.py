@@ -64,7 +64,9 @@ class LimitedRequest(Request):
         self._tooLarge = True
         # No "100 Continue" must follow the refusal.
         self.requestHeaders.removeHeader(b"expect")
-        self.channel.transport.write(
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
             rawResponse(
                 413,
                 "Content Too Large",

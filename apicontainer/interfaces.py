@@ -54,6 +54,8 @@ class IReader(Interface):
     A stash that can answer reads.
     """
 
+    name = Attribute("The stash's name from the configuration (C{str}).")
+
     def read(key):
         """
         Look up the current document stored under C{key}.

@@ -33,9 +33,9 @@ def isMultipart(contentType: str | None) -> bool:
     """
     Whether C{contentType} names C{multipart/form-data}.
     """
-    return bool(contentType) and contentType.split(";", 1)[0].strip().lower() == (
-        "multipart/form-data"
-    )
+    if not contentType:
+        return False
+    return contentType.split(";", 1)[0].strip().lower() == "multipart/form-data"
 
 
 def findPart(contentType: str | None, body: bytes, name: str) -> Part | None:

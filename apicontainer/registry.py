@@ -64,8 +64,12 @@ def stashTypes() -> dict[str, Callable[[], StashFactory]]:
             continue
         types[entry.name] = entry.load
     for name, reference in BUILTIN.items():
-        types[name] = lambda reference=reference: _load(reference)
+        types[name] = _loader(reference)
     return dict(sorted(types.items()))
+
+
+def _loader(reference: str) -> Callable[[], StashFactory]:
+    return lambda: _load(reference)
 
 
 def stashFactory(kind: str) -> StashFactory:

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -107,7 +107,7 @@ class ContainerService(Service):
 
     async def _stop(self) -> None:
         for port in self._ports:
-            await port.stopListening()
+            await maybeDeferred(port.stopListening)
         self._ports = []
         await self._container.stop()
         self._pools.stop()

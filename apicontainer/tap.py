@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -47,7 +48,9 @@ def makeService(options: Options) -> IService:
     service. A wrong configuration ends the process here with one line on
     standard error and exit status 78.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     path = Path(options["config"]) if options["config"] else DEFAULT_CONFIG
     try:

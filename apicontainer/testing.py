@@ -270,7 +270,7 @@ class ContainerHarness:
         headers: dict[str, str] | None,
     ) -> Deferred[HarnessResponse]:
         async def exchange() -> HarnessResponse:
-            response = await client.request(
+            response = await client.request(  # type: ignore[attr-defined]
                 method, "http://apicontainer.test" + path, data=body or None, headers=headers
             )
             content = await response.content()

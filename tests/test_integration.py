@@ -210,17 +210,17 @@ def test_defaultConfigWithoutFlag(tmp_path: Path) -> None:
                 pytest.skip(f"port {port}, which the default config uses, is taken on this machine")
     process = subprocess.Popen([*TWIST, "apicontainer"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        probe = RunningServer.__new__(RunningServer)
-        probe.adminPort, probe.port = 8081, 8080
+        client = RunningServer.__new__(RunningServer)
+        client.adminPort, client.port = 8081, 8080
         deadline = time.monotonic() + 30
         while True:
             try:
-                assert probe.admin("GET", "/_health")[0] == 200
+                assert client.admin("GET", "/_health")[0] == 200
                 break
             except OSError:
                 assert time.monotonic() < deadline, "no health in 30s"
                 time.sleep(0.1)
-        assert probe.request("PUT", "/items/1", b"x")[0] == 200
+        assert client.request("PUT", "/items/1", b"x")[0] == 200
         assert (tmp_path / "var" / "records.sqlite3").exists()
         assert (tmp_path / "var" / "files" / "items" / "1.doc").read_bytes() == b"x"
     finally:
