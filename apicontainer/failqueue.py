@@ -94,6 +94,7 @@ class FailedUOW:
             "uow": self.uow,
             "key": self.key,
             "route": self.route,
+            "spool": f"spool/{self.uow:020d}.uow",
             "state": self.state.value,
             "attempts": self.attempts,
             "report": self.report.asRecord(),

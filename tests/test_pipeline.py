@@ -122,6 +122,7 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual((entry.uow, entry.state.value, entry.attempts), (2, "queued", 1))
         self.assertEqual(entry.report.verdicts["b"].detail, "told to fail")
         self.assertTrue((self.dataDir / "failed" / "00000000000000000002.json").exists())
+        self.assertTrue((self.dataDir / entry.asJSON()["spool"]).exists())
 
     def test_failedHalfwayIsRolledBack(self) -> None:
         """

@@ -123,6 +123,12 @@ class FilesystemStashTests(SynchronousTestCase):
         self.stash = FilesystemStash("files", self.root, inline)
         self.successResultOf(self.stash.start())
 
+    def test_interfaces(self) -> None:
+        """
+        It provides IStartable too.
+        """
+        self.assertTrue(verifyObject(IStartable, self.stash))
+
     def test_readableLayout(self) -> None:
         """
         The document is a symlink to its version file, which holds the body,
