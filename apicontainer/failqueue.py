@@ -22,6 +22,7 @@ from zope.interface import implementer
 from .blocking import Blocking
 from .durable import makeDirectories, removeDurably, writeAtomically
 from .interfaces import IFailQueue
+from .spool import fileName
 from .uow import Outcome, Report
 
 
@@ -94,7 +95,7 @@ class FailedUOW:
             "uow": self.uow,
             "key": self.key,
             "route": self.route,
-            "spool": f"spool/{self.uow:020d}.uow",
+            "spool": f"spool/{fileName(self.uow)}",
             "state": self.state.value,
             "attempts": self.attempts,
             "report": self.report.asRecord(),

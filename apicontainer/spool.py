@@ -38,6 +38,13 @@ _MAX_METADATA = 1 << 20
 _SUFFIX = ".uow"
 
 
+def fileName(uowId: int) -> str:
+    """
+    The name of UOW C{uowId}'s spool file, inside the spool directory.
+    """
+    return f"{uowId:020d}{_SUFFIX}"
+
+
 class SpoolError(Exception):
     """
     The spool could not record a request; nothing was spooled.
@@ -138,7 +145,7 @@ class Spool:
         """
         The spool file of UOW C{uowId}.
         """
-        return self.directory / f"{uowId:020d}{_SUFFIX}"
+        return self.directory / fileName(uowId)
 
     def write(self, uow: UnitOfWork) -> Deferred[None]:
         """
