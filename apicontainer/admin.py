@@ -17,6 +17,9 @@ from .container import Container
 from .failqueue import FailedState
 from .records import UOWState
 from .responses import errorResponse, jsonResponse
+from .spool import CorruptSpoolFile
+from .states import FinalState, StateRecord
+from .uow import UnitOfWork
 
 
 class AdminAPI:
@@ -48,18 +51,27 @@ class AdminAPI:
         Alive, with the counts an operator looks at first.
         """
         failQueue = self._container.failQueue
+        counts = {state.value: len(failQueue.list(state)) for state in FailedState}
+        alarms = [
+            f"{counts[state.value]} UOW(s) {state.value}: an operator must retry or drop them"
+            for state in (FailedState.parked, FailedState.stuck)
+            if counts[state.value]
+        ]
+        if not self._container.recovered:
+            alarms.append("recovery has not finished")
         return self._unauthorized(request) or jsonResponse(
             request,
             200,
             {
-                "status": "ok",
+                "status": "attention" if alarms else "ok",
+                "alarms": alarms,
                 "in_flight": self._container.records.inFlight,
-                "failed": {state.value: len(failQueue.list(state)) for state in FailedState},
+                "failed": counts,
             },
         )
 
     @app.route("/_uow/<int:uowId>", methods=["GET"])
-    def uow(self, request: IRequest, uowId: int) -> bytes:
+    async def uow(self, request: IRequest, uowId: int) -> bytes:
         """
         The state of one UOW and its last per-stash report.
         """
@@ -70,11 +82,18 @@ class AdminAPI:
         if entry is not None:
             return jsonResponse(request, 200, {**entry.asJSON(), "failed": True})
         record = self._container.records.get(uowId)
-        if record is None:
-            return errorResponse(
-                request, 404, "unknown_uow", f"UOW {uowId} is neither under way, recent nor failed"
-            )
-        return jsonResponse(request, 200, {**record.asJSON(), "failed": False})
+        if record is not None:
+            return jsonResponse(request, 200, {**record.asJSON(), "failed": False})
+        final = await self._container.states.get(uowId)
+        if final is not None:
+            return jsonResponse(request, 200, {**final.asJSON(), "failed": False})
+        return errorResponse(
+            request,
+            404,
+            "unknown_uow",
+            f"UOW {uowId} is not under way, not in the fail queue, and has no final state"
+            " within the retention",
+        )
 
     @app.route("/_failed", methods=["GET"])
     def failed(self, request: IRequest) -> bytes:
@@ -95,6 +114,34 @@ class AdminAPI:
         entries = self._container.failQueue.list(state)
         return jsonResponse(request, 200, {"failed": [e.asJSON() for e in entries]})
 
+    @app.route("/_failed/<int:uowId>/retry", methods=["POST"])
+    async def retry(self, request: IRequest, uowId: int) -> bytes:
+        """
+        Retry a failed UOW now, whatever its schedule, parked and stuck ones
+        included; answer with the outcome of that attempt.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        container = self._container
+        if container.failQueue.get(uowId) is None:
+            return errorResponse(request, 404, "not_failed", f"UOW {uowId} is not in the fail queue")
+        assert container.retries is not None
+        attempt = container.retries.retryNow(uowId)
+        if attempt is None:
+            return errorResponse(request, 409, "retrying", f"UOW {uowId} is being retried already")
+        self.log.warn("UOW {uow} retried by an operator", uow=uowId)
+        report = await attempt
+        entry = container.failQueue.get(uowId)
+        body: dict[str, Any] = {
+            "uow": uowId,
+            "state": entry.state.value if entry else (report.outcome.value if report else "dropped"),
+            "report": report.asRecord() if report else None,
+        }
+        if entry is not None:
+            body["next_attempt_at"] = entry.nextAttemptAt
+        return jsonResponse(request, 200, body)
+
     @app.route("/_failed/<int:uowId>", methods=["DELETE"])
     async def drop(self, request: IRequest, uowId: int) -> bytes:
         """
@@ -111,6 +158,25 @@ class AdminAPI:
             return errorResponse(
                 request, 409, "retrying", f"UOW {uowId} is being retried; try again when it ends"
             )
+        try:
+            uow: UnitOfWork | None = await container.spool.load(uowId)
+        except (CorruptSpoolFile, FileNotFoundError):
+            uow = None
+        await container.states.record(
+            StateRecord(
+                uow=uowId,
+                key=entry.key,
+                route=entry.route,
+                state=FinalState.dropped,
+                status=entry.report.status,
+                report=entry.report.asRecord(),
+                idempotencyKey=uow.idempotencyKey if uow else None,
+                payloadHash=uow.payloadHash() if uow and uow.idempotencyKey else None,
+                at=container.clock.seconds(),
+            )
+        )
+        if uow is not None:
+            container.idempotency.release(uow)
         await container.failQueue.drop(uowId)
         await container.spool.delete(uowId)
         container.records.mark(uowId, UOWState.dropped)

@@ -181,6 +181,7 @@ class Limits:
     maxBodyBytes: int = 10 * 1024 * 1024
     maxInFlight: int = 1024
     requestTimeout: float = 60.0
+    shutdownGrace: float = 30.0
 
 
 @frozen
@@ -224,6 +225,7 @@ class Config:
     retry: RetryPolicy
     stashes: dict[str, StashSpec]
     routes: tuple[RouteSpec, ...]
+    idempotencyRetention: float = 86400.0
 
 
 def _endpoint(section: Section, key: str, default: str) -> str:
@@ -276,6 +278,7 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         maxBodyBytes=limitsSection.integer("max_body_bytes", defaults.maxBodyBytes, minimum=1),
         maxInFlight=limitsSection.integer("max_in_flight", defaults.maxInFlight, minimum=1),
         requestTimeout=limitsSection.number("request_timeout_s", defaults.requestTimeout),
+        shutdownGrace=limitsSection.number("shutdown_grace_s", defaults.shutdownGrace),
     )
     limitsSection.rejectUnknown()
 
@@ -294,6 +297,10 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     retrySection.rejectUnknown()
     failqueue.rejectUnknown()
 
+    idempotency = top.section("idempotency")
+    retention = idempotency.number("retention_s", 86400.0)
+    idempotency.rejectUnknown()
+
     stashes = _stashes(top.section("stashes"), knownTypes)
     if not stashes:
         raise top.error("stashes", "declare at least one stash")
@@ -310,6 +317,7 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         retry=retry,
         stashes=stashes,
         routes=routes,
+        idempotencyRetention=retention,
     )
 
 

@@ -5,10 +5,14 @@ built from a configuration and wired together.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any, Callable
 
-from twisted.internet.defer import DeferredList
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .blocking import Blocking
@@ -17,9 +21,13 @@ from .failqueue import FileFailQueue
 from .fanout import Fanout
 from .frontqueue import Admission, FrontQueue
 from .interfaces import IReader, IStartable, IStash
+from .idempotency import IdempotencyIndex
 from .records import UOWRecords
+from .recovery import recover
+from .retry import RetryEngine
 from .registry import stashFactory
 from .spool import Spool
+from .states import StateStore
 from .stashes import StashContext
 from .uow import UnitOfWork
 from .uowids import UOWIds
@@ -56,7 +64,8 @@ class Container:
     """
     The pipeline of one server.
 
-    Build it, call L{open} (blocking, at start-up), then L{start}; submit
+    Build it, call L{open} (blocking, at start-up), then L{start}, which
+    starts the stashes and recovers what a crash left behind; then submit
     requests with L{submit}.
 
     @ivar readers: Route pattern to its read components, in order.
@@ -70,14 +79,26 @@ class Container:
         stashes: dict[str, IStash],
         clock: IReactorTime,
         blocking: Blocking,
+        serial: Blocking | None = None,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
+        """
+        @param blocking: Runs short blocking calls (file I/O).
+        @param serial: Runs the state store's calls, one at a time; by
+            default C{blocking}, which must then be serial too.
+        @param uniform: The random source of retry jitter.
+        """
         self.config = config
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
         self.spool = Spool(dataDir / "spool", dataDir / "quarantine", blocking)
         self.ids = UOWIds(dataDir / "uow-ids", blocking)
-        self.failQueue = FileFailQueue(dataDir / "failed", blocking, clock, config.retry)
+        self.failQueue = FileFailQueue(
+            dataDir / "failed", blocking, clock, config.retry, uniform
+        )
+        self.states = StateStore(dataDir / "state.sqlite3", serial or blocking)
+        self.idempotency = IdempotencyIndex(self.states, self.failQueue)
         self.records = UOWRecords()
         self.workers = {
             name: StashWorker(stash, clock, spec.concurrency, spec.timeout)
@@ -92,37 +113,103 @@ class Container:
         }
         self.front: FrontQueue | None = None
         self.fanout: Fanout | None = None
+        self.retries: RetryEngine | None = None
+        self.recovered = False
+        self._purge: LoopingCall | None = None
 
     def open(self) -> None:
         """
-        Create or load the spool, the UOW id record and the fail queue
-        (blocking: call it before the reactor runs).
+        Create or load the spool, the UOW id record, the fail queue and the
+        state store (blocking: call it before the reactor runs).
         """
         self.spool.open()
         self.ids.open()
         for path in self.failQueue.open():
             self.log.error("fail queue entry {path} is unreadable; left in place", path=str(path))
-        self.front = FrontQueue(self.ids, self.spool)
+        self.states.open()
+        self.front = FrontQueue(self.ids, self.spool, self.idempotency.hold)
         self.fanout = Fanout(
-            self.front, self.workers, self.routes, self.spool, self.failQueue, self.records
+            self.front,
+            self.workers,
+            self.routes,
+            self.spool,
+            self.failQueue,
+            self.states,
+            self.idempotency,
+            self.records,
+            self.clock,
+        )
+        self.retries = RetryEngine(
+            self.clock,
+            self.failQueue,
+            self.fanout,
+            self.front,
+            self.spool,
+            interval=min(self.config.retry.initial, 1.0),
         )
 
     async def start(self) -> None:
         """
-        Start every stash, then the workers and the fanout.
+        Start every stash, then the workers and the fanout; recover what a
+        crash left behind; then start the retry engine.
         """
-        assert self.fanout is not None, "open() first"
+        assert self.fanout is not None and self.front is not None and self.retries is not None
         for name, stash in self.stashes.items():
             if IStartable.providedBy(stash):
                 await stash.start()
         for worker in self.workers.values():
             worker.start()
         self.fanout.start()
+        await recover(
+            self.spool, self.states, self.failQueue, self.fanout, self.front, self.idempotency
+        )
+        self.recovered = True
+        self.retries.start()
+        self._purge = LoopingCall(self._forgetOldStates)
+        self._purge.clock = self.clock
+        self._purge.start(min(self.config.idempotencyRetention, 3600.0), now=False)
+
+    def _forgetOldStates(self) -> Deferred[None]:
+        before = self.clock.seconds() - self.config.idempotencyRetention
+
+        def purged(count: int) -> None:
+            if count:
+                self.log.info("forgot {count} final UOW states older than the retention", count=count)
+
+        def failed(reason: Any) -> None:
+            self.log.failure("could not forget old UOW states", reason)
+
+        return self.states.purge(before).addCallbacks(purged, failed)
+
+    async def drain(self, grace: float) -> int:
+        """
+        Let the UOWs under way finish, for at most C{grace} seconds.
+
+        @return: How many were still under way at the deadline; their spool
+            files stay for recovery.
+        """
+        assert self.fanout is not None
+        if self.retries is not None:
+            self.retries.stop()
+        active = list(self.fanout.active)
+        if not active:
+            return 0
+        waiting: Deferred[Any] = DeferredList(active, consumeErrors=True)
+        waiting.addTimeout(grace, self.clock)
+        try:
+            await waiting
+        except (defer.TimeoutError, error.TimeoutError):
+            pass
+        return len(self.fanout.active)
 
     async def stop(self) -> None:
         """
-        Stop taking work and close every stash.
+        Stop taking work and close every stash and the state store.
         """
+        if self._purge is not None and self._purge.running:
+            self._purge.stop()
+        if self.retries is not None:
+            self.retries.stop()
         if self.fanout is not None:
             self.fanout.stop()
         for worker in self.workers.values():

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import builtins
 import json
+import random
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, succeed
@@ -33,8 +34,8 @@ class FailedState(str, Enum):
     @cvar queued: Waiting for its next attempt.
     @cvar retrying: An attempt is under way.
     @cvar parked: Out of attempts; waits for an operator.
-    @cvar stuck: A rejected UOW whose rollback failed; it cannot be retried,
-        only its rollback can, and it waits for that or for an operator.
+    @cvar stuck: A rejected UOW whose rollback kept failing; waits for an
+        operator.
     """
 
     queued = "queued"
@@ -46,7 +47,9 @@ class FailedState(str, Enum):
 @frozen
 class RetryPolicy:
     """
-    Exponential backoff: C{initial * factor ** (attempt - 1)}, capped.
+    Exponential backoff, C{initial * factor ** (attempts - 1)} capped at
+    C{maxDelay}, of which a random half is taken off (jitter), so that UOWs
+    that failed together do not all come back at once.
     """
 
     initial: float = 1.0
@@ -59,6 +62,12 @@ class RetryPolicy:
         How long to wait after the C{attempts}-th failed attempt.
         """
         return min(self.initial * self.factor ** max(attempts - 1, 0), self.maxDelay)
+
+    def jittered(self, attempts: int, uniform: float) -> float:
+        """
+        L{delayAfter} less up to half of it: C{uniform} is in [0, 1).
+        """
+        return self.delayAfter(attempts) * (0.5 + uniform / 2)
 
 
 @frozen
@@ -74,6 +83,8 @@ class FailedUOW:
     @ivar rollbackFailed: The stashes whose rollback failed in the last
         attempt; they may hold part of the UOW until it is retried or rolled
         back again.
+    @ivar compensate: The UOW was rejected (4xx) but a rollback failed: its
+        retries only roll back, and it ends rejected, or stuck.
     """
 
     uow: int
@@ -86,6 +97,7 @@ class FailedUOW:
     lastFailedAt: float
     nextAttemptAt: float | None
     rollbackFailed: tuple[str, ...] = ()
+    compensate: bool = False
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -103,6 +115,7 @@ class FailedUOW:
             "last_failed_at": self.lastFailedAt,
             "next_attempt_at": self.nextAttemptAt,
             "rollback_failed": list(self.rollbackFailed),
+            "compensate": self.compensate,
         }
 
     @classmethod
@@ -121,6 +134,7 @@ class FailedUOW:
             lastFailedAt=float(data["last_failed_at"]),
             nextAttemptAt=data["next_attempt_at"],
             rollbackFailed=tuple(data.get("rollback_failed", ())),
+            compensate=bool(data.get("compensate", False)),
         )
 
 
@@ -131,10 +145,16 @@ class FileFailQueue:
     """
 
     def __init__(
-        self, directory: Path, blocking: Blocking, clock: IReactorTime, retry: RetryPolicy
+        self,
+        directory: Path,
+        blocking: Blocking,
+        clock: IReactorTime,
+        retry: RetryPolicy,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
         self.directory = directory
         self.retry = retry
+        self._uniform = uniform
         self._blocking = blocking
         self._clock = clock
         self._entries: dict[int, FailedUOW] = {}
@@ -164,35 +184,40 @@ class FileFailQueue:
         return self.directory / f"{uowId:020d}.json"
 
     def failed(
-        self, report: Report, route: str, attempt: int, rollbackFailed: tuple[str, ...] = ()
+        self,
+        report: Report,
+        route: str,
+        rollbackFailed: tuple[str, ...] = (),
+        compensate: bool = False,
     ) -> FailedUOW:
         """
-        Build the entry for a UOW whose attempt number C{attempt} failed.
+        Build the entry for a UOW whose latest attempt failed.
 
-        A 5xx UOW gets its next attempt scheduled by the retry policy (which
-        also settles any rollback that failed), or is parked after
-        C{maxAttempts}. A rejected UOW is only here when a rollback failed:
-        it is stuck.
+        The attempts are counted on from the UOW's previous entry. Below
+        C{maxAttempts}, the next attempt is scheduled by the retry policy,
+        with jitter; then a UOW is parked, or stuck when only its rollback
+        was being retried (C{compensate}).
         """
         now = self._clock.seconds()
         previous = self._entries.get(report.uow)
-        if report.outcome is Outcome.rejected:
-            state, due = FailedState.stuck, None
-        elif attempt >= self.retry.maxAttempts:
-            state, due = FailedState.parked, None
+        attempts = (previous.attempts if previous else 0) + 1
+        if attempts < self.retry.maxAttempts:
+            state = FailedState.queued
+            due: float | None = now + self.retry.jittered(attempts, self._uniform())
         else:
-            state, due = FailedState.queued, now + self.retry.delayAfter(attempt)
+            state, due = (FailedState.stuck if compensate else FailedState.parked), None
         return FailedUOW(
             uow=report.uow,
             key=report.key,
             route=route,
             state=state,
-            attempts=attempt,
+            attempts=attempts,
             report=report,
             firstFailedAt=previous.firstFailedAt if previous else now,
             lastFailedAt=now,
             nextAttemptAt=due,
             rollbackFailed=rollbackFailed,
+            compensate=compensate,
         )
 
     def put(self, entry: FailedUOW) -> Deferred[None]:
@@ -214,6 +239,20 @@ class FileFailQueue:
             for uowId in sorted(self._entries)
             if state is None or self._entries[uowId].state is state
         ]
+
+    def markRetrying(self, uowId: int) -> FailedUOW | None:
+        """
+        Take the entry of C{uowId} for an attempt now, whatever its schedule
+        or state, unless an attempt is already under way.
+
+        @return: The entry, marked as retrying, or L{None}.
+        """
+        entry = self._entries.get(uowId)
+        if entry is None or entry.state is FailedState.retrying:
+            return None
+        entry = evolve(entry, state=FailedState.retrying)
+        self._entries[uowId] = entry
+        return entry
 
     def takeDue(self) -> builtins.list[FailedUOW]:
         now = self._clock.seconds()

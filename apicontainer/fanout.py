@@ -7,30 +7,41 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .failqueue import FileFailQueue
+from .crashpoints import reach
+from .failqueue import FailedUOW, FileFailQueue
 from .frontqueue import Admission, FrontQueue
+from .idempotency import IdempotencyIndex
 from .records import UOWRecords, UOWState
 from .spool import Spool
+from .states import FinalState, StateRecord, StateStore
 from .uow import Outcome, Report, UnitOfWork, Verdict
 from .worker import Delivery, StashWorker
 
 
 class Fanout:
     """
-    Takes UOWs from the head of the front queue and settles each one.
+    Takes UOWs from the head of the front queue, and retried or recovered
+    UOWs from the retry engine and recovery, and settles each one.
 
     For a UOW, the fanout puts a delivery on the routing queue of every stash
     of its route, gathers the verdicts, then:
 
-      - all 2xx: commits everywhere and deletes the spool file;
+      - all 2xx: commits everywhere, records the UOW as stored and deletes
+        its spool file;
       - otherwise: rolls back everywhere, in reverse configuration order, and
-        either deletes the spool file (a 4xx: retrying cannot help) or records
-        the UOW in the fail queue (a 5xx), keeping the spool file.
+        either records it as rejected and deletes the spool file (a 4xx:
+        retrying cannot help), or records it in the fail queue (a 5xx),
+        keeping the spool file.
 
-    UOWs on the same key are settled one at a time, in UOW order: the next
-    one starts only when the previous one, rollback included, is done.
+    A later attempt of a UOW whose key already holds a newer stored UOW is
+    rolled back instead (superseded), so it can never overwrite the newer one.
+
+    UOWs on the same key are settled one at a time, in the order they reach
+    the fanout (UOW order, from the front queue): the next one starts only
+    when the previous one, rollback included, is done.
 
     @param routes: Route pattern to its stash names, in configuration order.
     """
@@ -44,16 +55,23 @@ class Fanout:
         routes: Mapping[str, Sequence[str]],
         spool: Spool,
         failQueue: FileFailQueue,
+        states: StateStore,
+        idempotency: IdempotencyIndex,
         records: UOWRecords,
+        clock: IReactorTime,
     ) -> None:
         self._front = front
         self._workers = workers
         self._routes = routes
         self._spool = spool
         self._failQueue = failQueue
+        self._states = states
+        self._idempotency = idempotency
         self._records = records
+        self._clock = clock
         self._tails: dict[str, Deferred[None]] = {}
         self._loop: Deferred[None] | None = None
+        self.active: set[Deferred[Report]] = set()
 
     def start(self) -> None:
         """
@@ -63,7 +81,7 @@ class Fanout:
 
     def stop(self) -> None:
         """
-        Stop taking UOWs; those under way go on to their end.
+        Stop taking UOWs from the front queue; those under way go on.
         """
         if self._loop is not None:
             self._loop.cancel()
@@ -75,46 +93,94 @@ class Fanout:
                 admission = await self._front.queue.get()
             except CancelledError:
                 return
-            self.dispatch(admission)
+            self._admit(admission)
 
-    def dispatch(self, admission: Admission) -> None:
+    def _admit(self, admission: Admission) -> None:
+        self.submit(admission.uow).chainDeferred(admission.done)
+
+    def submit(self, uow: UnitOfWork, entry: FailedUOW | None = None) -> Deferred[Report]:
         """
-        Settle the admitted UOW after every earlier UOW on its key.
+        Settle C{uow} after every UOW submitted before it on its key.
+
+        @param entry: The fail queue entry, when this is a retry of one.
+        @return: A Deferred that fires with the report; it fails only on a
+            fault of the pipeline itself, in which case the spool file stays
+            for recovery.
         """
-        uow = admission.uow
         self._records.begin(uow)
         previous = self._tails.get(uow.key)
-        settled = Deferred.fromCoroutine(self._settleAfter(previous, admission))
-        self._tails[uow.key] = settled
+        settled = Deferred.fromCoroutine(self._settleAfter(previous, uow, entry))
+        tail: Deferred[None] = Deferred()
+        self._tails[uow.key] = tail
+        self.active.add(settled)
 
-        def forget(result: None) -> None:
-            if self._tails.get(uow.key) is settled:
+        def done(result: object) -> object:
+            self.active.discard(settled)
+            if self._tails.get(uow.key) is tail:
                 del self._tails[uow.key]
+            tail.callback(None)
+            return result
 
-        settled.addCallback(forget)
+        settled.addBoth(done)
+        return settled
 
-    async def _settleAfter(self, previous: Deferred[None] | None, admission: Admission) -> None:
+    async def _settleAfter(
+        self, previous: Deferred[None] | None, uow: UnitOfWork, entry: FailedUOW | None
+    ) -> Report:
         if previous is not None:
             await previous
         try:
-            report = await self.settle(admission.uow)
+            return await self.settle(uow, entry)
         except Exception:
-            # A fault of the pipeline itself, not of a stash. The spool file
-            # stays, so the UOW is not lost: recovery re-drives it.
-            self.log.failure("UOW {uow} could not be settled", uow=admission.uow.id)
-            self._records.finish(admission.uow, UOWState.received, None)
-            admission.done.errback()
-            return
-        admission.done.callback(report)
+            self.log.failure(
+                "UOW {uow} could not be settled; its spool file stays for recovery", uow=uow.id
+            )
+            self._records.finish(uow, UOWState.received, None)
+            raise
 
-    async def settle(self, uow: UnitOfWork) -> Report:
+    async def settle(self, uow: UnitOfWork, entry: FailedUOW | None = None) -> Report:
         """
         Deliver C{uow} to every stash of its route and settle the outcome.
 
+        @param entry: The fail queue entry, when this is a retry of one. A
+            retry of a rejected UOW whose rollback failed only rolls back.
         @return: The report of this attempt.
         """
         names = self._routes[uow.route]
         self._records.applying(uow)
+        if uow.isRetry:
+            newest = await self._states.lastStored(uow.key)
+            if newest is not None and newest > uow.id:
+                return await self._supersede(uow, names, newest)
+        if entry is not None and entry.compensate:
+            report = entry.report
+        else:
+            report = await self._deliver(uow, names)
+        if report.outcome is Outcome.stored:
+            await self._everywhere("commit", uow, names)
+            await self._finish(uow, FinalState.stored, report)
+            return report
+        unfinished = await self._everywhere("rollback", uow, list(reversed(names)))
+        if unfinished or report.outcome is Outcome.queued:
+            compensate = report.outcome is Outcome.rejected
+            queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
+            try:
+                await self._failQueue.put(queued)
+            except Exception:
+                self.log.failure(
+                    "UOW {uow} could not be recorded in the fail queue;"
+                    " its spool file stays for recovery",
+                    uow=uow.id,
+                )
+            else:
+                reach("after-failqueue-write")
+            self._logReport(uow, report, queued.state.value)
+            self._records.finish(uow, UOWState.queued, report)
+            return report
+        await self._finish(uow, FinalState.rejected, report)
+        return report
+
+    async def _deliver(self, uow: UnitOfWork, names: Sequence[str]) -> Report:
         pending = []
         for name in names:
             delivery = Delivery(uow, Deferred())
@@ -125,30 +191,54 @@ class Fanout:
         for name, (ok, value) in zip(names, results):
             # A worker turns every error into a verdict; a failure here is a bug.
             verdicts[name] = value if ok else Verdict.failed(500, str(value.value))  # type: ignore[attr-defined]
-        report = Report.fromVerdicts(uow, verdicts)
-        if report.outcome is Outcome.stored:
-            await self._everywhere("commit", uow, names)
-            await self._forgetSpool(uow)
-            state = UOWState.stored
-        else:
-            unfinished = await self._everywhere("rollback", uow, list(reversed(names)))
-            if unfinished or report.outcome is Outcome.queued:
-                state = UOWState.queued if report.outcome is Outcome.queued else UOWState.stuck
-                entry = self._failQueue.failed(report, uow.route, uow.attempt, tuple(unfinished))
-                try:
-                    await self._failQueue.put(entry)
-                except Exception:
-                    self.log.failure(
-                        "UOW {uow} could not be recorded in the fail queue;"
-                        " its spool file stays for recovery",
-                        uow=uow.id,
-                    )
-            else:
-                await self._forgetSpool(uow)
-                state = UOWState.rejected
-        self._logReport(uow, report, state)
-        self._records.finish(uow, state, report)
+        return Report.fromVerdicts(uow, verdicts)
+
+    async def _supersede(self, uow: UnitOfWork, names: Sequence[str], newest: int) -> Report:
+        """
+        Roll back whatever earlier attempts of C{uow} left, and end it: UOW
+        C{newest} on its key was stored after it.
+        """
+        declined = Verdict.declined(f"superseded by UOW {newest}")
+        report = Report.fromVerdicts(uow, {name: declined for name in names})
+        unfinished = await self._everywhere("rollback", uow, list(reversed(names)))
+        if unfinished:
+            queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate=True)
+            await self._failQueue.put(queued)
+            self._records.finish(uow, UOWState.queued, report)
+            return report
+        await self._finish(uow, FinalState.superseded, report)
         return report
+
+    async def _finish(self, uow: UnitOfWork, state: FinalState, report: Report) -> None:
+        """
+        Record the final state durably, then forget the fail queue entry and
+        the spool file. A crash in between leaves them for recovery, which
+        sees the final state and only cleans up.
+        """
+        await self._states.record(
+            StateRecord(
+                uow=uow.id,
+                key=uow.key,
+                route=uow.route,
+                state=state,
+                status=report.status,
+                report=report.asRecord(),
+                idempotencyKey=uow.idempotencyKey,
+                payloadHash=uow.payloadHash() if uow.idempotencyKey else None,
+                at=self._clock.seconds(),
+            )
+        )
+        self._idempotency.release(uow)
+        if self._failQueue.get(uow.id) is not None:
+            await self._failQueue.drop(uow.id)
+        reach("before-spool-delete")
+        try:
+            await self._spool.delete(uow.id)
+        except Exception:
+            # Settled all the same; recovery finds the final state and cleans up.
+            self.log.failure("spool file of UOW {uow} could not be deleted", uow=uow.id)
+        self._logReport(uow, report, state.value)
+        self._records.finish(uow, UOWState(state.value), report)
 
     async def _everywhere(self, step: str, uow: UnitOfWork, names: Sequence[str]) -> list[str]:
         """
@@ -157,7 +247,9 @@ class Fanout:
         @return: The names of the stashes where it failed.
         """
         failed = []
-        for name in names:
+        for index, name in enumerate(names):
+            if index == 1:
+                reach(f"during-{step}")
             stash = self._workers[name].stash
             try:
                 await getattr(stash, step)(uow)
@@ -168,17 +260,13 @@ class Fanout:
                 failed.append(name)
         return failed
 
-    async def _forgetSpool(self, uow: UnitOfWork) -> None:
-        try:
-            await self._spool.delete(uow.id)
-        except Exception:
-            # Settled all the same; a replay finds every stash already done.
-            self.log.failure("spool file of UOW {uow} could not be deleted", uow=uow.id)
-
-    def _logReport(self, uow: UnitOfWork, report: Report, state: UOWState) -> None:
-        emit = self.log.info if state is UOWState.stored else self.log.warn
-        if state is UOWState.stuck:
+    def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:
+        if state in ("stored", "superseded"):
+            emit = self.log.info
+        elif state in ("parked", "stuck"):
             emit = self.log.error
+        else:
+            emit = self.log.warn
         emit(
             "UOW {uow} {method} {key}: {state} ({status})",
             uow=uow.id,
@@ -186,7 +274,7 @@ class Fanout:
             key=uow.key,
             route=uow.route,
             attempt=uow.attempt,
-            state=state.value,
+            state=state,
             status=report.status,
             report=report.asRecord(),
         )

@@ -4,9 +4,12 @@ The front queue: where a request becomes a numbered, spooled unit of work.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, DeferredQueue
 
+from .crashpoints import reach
 from .spool import Spool
 from .uow import Report, UnitOfWork
 from .uowids import UOWIds
@@ -35,10 +38,20 @@ class FrontQueue:
     @ivar queue: The C{DeferredQueue} of L{Admission}s the fanout reads.
     """
 
-    def __init__(self, ids: UOWIds, spool: Spool) -> None:
+    def __init__(
+        self,
+        ids: UOWIds,
+        spool: Spool,
+        onSpooled: Callable[[UnitOfWork], None] = lambda uow: None,
+    ) -> None:
+        """
+        @param onSpooled: Called with each UOW once it is spooled, before it
+            can reach the fanout.
+        """
         self.queue: DeferredQueue[Admission] = DeferredQueue()
         self._ids = ids
         self._spool = spool
+        self._onSpooled = onSpooled
         self._nextRelease = ids.first
         self._held: dict[int, Admission | None] = {}
 
@@ -51,23 +64,27 @@ class FrontQueue:
         @raise apicontainer.spool.SpoolError: Nothing was spooled or queued.
         """
         uowId = await self._ids.allocate()
-        uow = evolve(request, id=uowId)
+        uow = evolve(request, id=uowId, attempt=uowId)
         try:
             await self._spool.write(uow)
         except BaseException:
             self._release(uowId, None)
             raise
+        reach("after-spool-write")
+        self._onSpooled(uow)
         admission = Admission(uow, Deferred())
         self._release(uowId, admission)
         return admission
 
-    def requeue(self, uow: UnitOfWork) -> Admission:
+    async def newAttempt(self, uow: UnitOfWork) -> UnitOfWork:
         """
-        Queue an already spooled UOW again (a retry), outside the id order.
+        C{uow} under a fresh attempt id, for a retry or a re-drive: the id is
+        taken from the UOW id sequence, so it is greater than every attempt
+        before it, also those made before a crash.
         """
-        admission = Admission(uow, Deferred())
-        self.queue.put(admission)
-        return admission
+        attempt = await self._ids.allocate()
+        self._release(attempt, None)
+        return evolve(uow, attempt=attempt)
 
     def _release(self, uowId: int, admission: Admission | None) -> None:
         self._held[uowId] = admission

@@ -21,7 +21,8 @@ from .container import Container
 from .keys import BadKey, keyFromPath
 from .responses import errorResponse, jsonResponse
 from .spool import SpoolError, SpoolFull
-from .uow import MUTATING_METHODS, Outcome, UnitOfWork
+from .idempotency import BadIdempotencyKey, KeyConflict, validateKey
+from .uow import MUTATING_METHODS, Outcome, Report, UnitOfWork
 
 READING_METHODS = frozenset({"GET", "HEAD"})
 _ALLOW_MUTATIONS = "DELETE, PATCH, POST, PUT"
@@ -127,7 +128,13 @@ class Ingress:
                 retry_after="1",
             )
         contentType = request.getHeader(b"content-type")
-        idempotencyKey = request.getHeader(b"idempotency-key")
+        rawKey = request.getHeader(b"idempotency-key")
+        idempotencyKey = None
+        if rawKey is not None:
+            try:
+                idempotencyKey = validateKey(rawKey)
+            except BadIdempotencyKey as e:
+                return errorResponse(request, 400, "bad_idempotency_key", str(e))
         template = UnitOfWork(
             id=0,
             method=method,
@@ -136,10 +143,19 @@ class Ingress:
             body=body,
             contentType=contentType.decode("latin-1") if contentType else None,
             receivedAt=self._clock.seconds(),
-            idempotencyKey=idempotencyKey.decode("latin-1") if idempotencyKey else None,
+            idempotencyKey=idempotencyKey,
         )
         self.inFlight += 1
         try:
+            if idempotencyKey is not None:
+                try:
+                    replay = await self._container.idempotency.claim(
+                        idempotencyKey, template.payloadHash()
+                    )
+                except KeyConflict as e:
+                    return errorResponse(request, e.status, "idempotency_key", str(e))
+                if replay is not None:
+                    return self._answer(request, replay.report, replay.location, replayed=True)
             return await self._submit(request, template)
         finally:
             self.inFlight -= 1
@@ -147,9 +163,11 @@ class Ingress:
     async def _submit(self, request: IRequest, template: UnitOfWork) -> bytes:
         try:
             admission = await self._container.submit(template)
-        except SpoolFull as e:
-            return errorResponse(request, 503, "disk_full", str(e), retry_after="5")
         except SpoolError as e:
+            if template.idempotencyKey is not None:
+                self._container.idempotency.abandon(template.idempotencyKey)
+            if isinstance(e, SpoolFull):
+                return errorResponse(request, 503, "disk_full", str(e), retry_after="5")
             self.log.error("spool write failed: {error}", error=str(e))
             return errorResponse(request, 500, "spool_failed", str(e))
         uowId = admission.uow.id
@@ -176,9 +194,18 @@ class Ingress:
                 {"uow": uowId, "outcome": "pending", "message": "internal error; the UOW stays spooled"},
                 location=location,
             )
-        headers: dict[str, Any] = {}
-        if report.outcome is Outcome.queued:
+        return self._answer(
+            request, report, location if report.outcome is Outcome.queued else None
+        )
+
+    def _answer(
+        self, request: IRequest, report: Report, location: str | None, replayed: bool = False
+    ) -> bytes:
+        headers: dict[str, str] = {}
+        if location is not None:
             headers["location"] = location
+        if replayed:
+            headers["idempotent_replayed"] = "true"
         return jsonResponse(request, report.status, report.asJSON(forClient=True), **headers)
 
     @app.handle_errors(Exception)

@@ -22,8 +22,8 @@ class UOWState(str, Enum):
     applying = "applying"
     stored = "stored"
     rejected = "rejected"
+    superseded = "superseded"
     queued = "queued"
-    stuck = "stuck"
     dropped = "dropped"
 
 

@@ -210,6 +210,12 @@ class Spool:
         )
         return target
 
+    def scan(self) -> Deferred[list[int]]:
+        """
+        The UOW ids that have a spool file, in ascending order.
+        """
+        return self._blocking(self.pending)
+
     def pending(self) -> list[int]:
         """
         The UOW ids that have a spool file, in ascending order (blocking).

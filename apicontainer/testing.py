@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from attrs import define
 from treq.testing import StubTreq
@@ -207,7 +207,12 @@ class ContainerHarness:
         timeout: float = 30.0,
         concurrency: int = 16,
         tokens: BearerTokens | None = None,
+        uniform: Callable[[], float] = lambda: 1.0,
     ) -> None:
+        """
+        @param uniform: The random source of retry jitter; by default none is
+            taken off, so retries come exactly on the policy's schedule.
+        """
         self.clock = Clock()
         names = [stash.name for stash in stashes]
         config = Config(
@@ -235,7 +240,9 @@ class ContainerHarness:
                 for path, using, read in routes
             ),
         )
-        self.container = Container(config, dict(zip(names, stashes)), self.clock, inline)
+        self.container = Container(
+            config, dict(zip(names, stashes)), self.clock, inline, uniform=uniform
+        )
         self.container.open()
         started = Deferred.fromCoroutine(self.container.start())
         if not started.called:

@@ -4,6 +4,7 @@ Units of work, the verdicts stashes give on them, and their reports.
 
 from __future__ import annotations
 
+import hashlib
 from enum import Enum
 from typing import Any, Mapping
 
@@ -22,7 +23,11 @@ class UnitOfWork:
     The body is read-only; every stash sees the same bytes, in every attempt.
 
     @ivar id: The UOW id, unique for the life of the data directory.
-    @ivar attempt: 1 for the first delivery, then one more for each retry.
+    @ivar attempt: The attempt id: the UOW id for the first delivery; each
+        later attempt (a retry, or a re-drive after a crash) takes a fresh id
+        from the same sequence, so the attempts of a UOW are ordered and never
+        repeat, also across restarts. Stashes use it to tell a late call of a
+        rolled-back attempt from a new attempt.
     @ivar method: C{POST}, C{PUT}, C{PATCH} or C{DELETE}.
     @ivar key: The resource key: the normalized request path.
     @ivar route: The configured route pattern that matched the key.
@@ -44,6 +49,26 @@ class UnitOfWork:
     _parts: dict[str, Part | None] = field(
         default=Factory(dict), eq=False, repr=False, alias="_parts"
     )
+
+    @property
+    def isRetry(self) -> bool:
+        """
+        Whether this is a later attempt: a retry or a re-drive after a crash.
+        """
+        return self.attempt != self.id
+
+    def payloadHash(self) -> str:
+        """
+        A digest of what the request asks for (method, key, content type and
+        body), to tell a repeat of it from another request under the same
+        C{Idempotency-Key}.
+        """
+        digest = hashlib.sha256()
+        for part in (self.method, self.key, self.contentType or ""):
+            encoded = part.encode("utf-8", "surrogateescape")
+            digest.update(b"%d:%s" % (len(encoded), encoded))
+        digest.update(self.body)
+        return digest.hexdigest()
 
     @property
     def isDelete(self) -> bool:

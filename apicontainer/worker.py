@@ -11,7 +11,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .interfaces import IStash
-from .uow import UnitOfWork, Verdict
+from .crashpoints import reach
+from .uow import UnitOfWork, Verdict, VerdictKind
 
 
 @frozen
@@ -74,6 +75,8 @@ class StashWorker:
             except CancelledError:
                 return
             verdict = await self.call(delivery.uow)
+            if verdict.kind is VerdictKind.stored:
+                reach(f"stored:{self.name}")
             delivery.verdict.callback(verdict)
 
     async def call(self, uow: UnitOfWork) -> Verdict:

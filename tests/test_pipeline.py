@@ -167,17 +167,19 @@ class OutcomeTests(PipelineTestCase):
         self.assertIn(("rollback", 1), b.calls)
         self.assertEqual(len(h.container.failQueue.list()), 1)
 
-    def test_rollbackFailureLeavesRejectedUOWStuck(self) -> None:
+    def test_rollbackFailureKeepsRejectedUOW(self) -> None:
         """
         When a rollback of a rejected UOW fails, the UOW is kept, spool file
-        and all, as stuck.
+        and all, queued for its rollback to be retried.
         """
         a, b = MemoryStash("a", failRollback=True), MemoryStash("b", failWith=422)
         h = self.build(a, b)
         response = h.request("PUT", "/items/1", b"x")
         self.assertEqual(response.code, 422)
         [entry] = h.container.failQueue.list()
-        self.assertEqual((entry.state.value, entry.rollbackFailed), ("stuck", ("a",)))
+        self.assertEqual(
+            (entry.state.value, entry.rollbackFailed, entry.compensate), ("queued", ("a",), True)
+        )
         self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 

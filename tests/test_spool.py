@@ -192,7 +192,7 @@ class FailQueueTests(SynchronousTestCase):
         self.queue = self.make()
 
     def make(self) -> FileFailQueue:
-        queue = FileFailQueue(self.directory, inline, self.clock, RetryPolicy(1, 2, 5, 3))
+        queue = FileFailQueue(self.directory, inline, self.clock, RetryPolicy(1, 2, 5, 3), lambda: 1.0)
         self.assertEqual(queue.open(), [])
         return queue
 
@@ -202,21 +202,31 @@ class FailQueueTests(SynchronousTestCase):
 
     def test_backoffAndParking(self) -> None:
         """
-        Delays double up to max_delay_s; after max_attempts the entry parks.
+        Delays double up to max_delay_s, less up to half for jitter; the
+        attempts count on from the previous entry, and after max_attempts the
+        entry parks (or is stuck, when only its rollback was retried).
         """
-        self.assertEqual([RetryPolicy(1, 2, 5, 3).delayAfter(n) for n in (1, 2, 3, 4)], [1, 2, 4, 5])
+        policy = RetryPolicy(1, 2, 5, 3)
+        self.assertEqual([policy.delayAfter(n) for n in (1, 2, 3, 4)], [1, 2, 4, 5])
+        self.assertEqual([policy.jittered(3, u) for u in (0.0, 0.5, 1.0)], [2, 3, 4])
         self.clock.advance(100)
-        entry = self.queue.failed(self.report(1), "/items/<id>", attempt=1)
-        self.assertEqual((entry.state, entry.nextAttemptAt), (FailedState.queued, 101))
-        parked = self.queue.failed(self.report(1), "/items/<id>", attempt=3)
-        self.assertEqual((parked.state, parked.nextAttemptAt), (FailedState.parked, None))
+        entry = self.queue.failed(self.report(1), "/items/<id>")
+        self.assertEqual((entry.state, entry.attempts, entry.nextAttemptAt), (FailedState.queued, 1, 101))
+        self.successResultOf(self.queue.put(entry))
+        second = self.queue.failed(self.report(1), "/items/<id>")
+        self.assertEqual((second.attempts, second.nextAttemptAt, second.firstFailedAt), (2, 102, 100))
+        self.successResultOf(self.queue.put(second))
+        parked = self.queue.failed(self.report(1), "/items/<id>")
+        self.assertEqual((parked.state, parked.attempts, parked.nextAttemptAt), (FailedState.parked, 3, None))
+        stuck = self.queue.failed(self.report(1), "/items/<id>", compensate=True)
+        self.assertEqual(stuck.state, FailedState.stuck)
 
     def test_durableAndReloaded(self) -> None:
         """
         Entries survive a reopening; one that was retrying comes back queued.
         """
-        self.successResultOf(self.queue.put(self.queue.failed(self.report(2), "/r", 1)))
-        self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r", 1)))
+        self.successResultOf(self.queue.put(self.queue.failed(self.report(2), "/r")))
+        self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r")))
         self.assertEqual(self.queue.takeDue(), [])
         self.clock.advance(1)
         self.assertEqual([e.uow for e in self.queue.takeDue()], [1, 2])
@@ -228,7 +238,7 @@ class FailQueueTests(SynchronousTestCase):
         """
         Dropping removes the file; dropping twice finds nothing.
         """
-        self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r", 1)))
+        self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r")))
         self.assertEqual(self.successResultOf(self.queue.drop(1)).uow, 1)
         self.assertIsNone(self.successResultOf(self.queue.drop(1)))
         self.assertEqual(os.listdir(self.directory), [])

@@ -1,0 +1,273 @@
+"""
+The durable record of what became of each UOW.
+
+The spool file is the durable record of a UOW that is received or being
+applied; the fail queue holds the ones waiting for a retry. When a UOW
+reaches a final state (stored, rejected, superseded, dropped) that state is
+written here, with the key's newest stored UOW and the UOW's
+C{Idempotency-Key}, before its spool file is deleted and before the client
+is answered. So after a crash the server knows, for every UOW, whether it is
+done, waiting, or must be re-driven.
+
+Records from concurrent UOWs share one SQLite transaction and one fsync
+(group commit): while one batch is being written, the next one gathers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from .blocking import Blocking
+
+
+class FinalState(str, Enum):
+    """
+    The states a UOW ends in.
+
+    @cvar superseded: A retried or recovered UOW found a newer UOW already
+        stored on its key; it was rolled back instead of applied.
+    """
+
+    stored = "stored"
+    rejected = "rejected"
+    superseded = "superseded"
+    dropped = "dropped"
+
+
+@frozen
+class StateRecord:
+    """
+    The final state of one UOW.
+
+    @ivar report: The last report (L{apicontainer.uow.Report.asRecord}), or
+        L{None} when there was none (dropped before any attempt).
+    @ivar status: The HTTP status its client was, or would be, answered.
+    """
+
+    uow: int
+    key: str
+    route: str
+    state: FinalState
+    status: int
+    report: dict[str, Any] | None
+    idempotencyKey: str | None
+    payloadHash: str | None
+    at: float
+
+    def asJSON(self) -> dict[str, Any]:
+        """
+        The record as the admin API shows it.
+        """
+        return {
+            "uow": self.uow,
+            "key": self.key,
+            "route": self.route,
+            "state": self.state.value,
+            "status": self.status,
+            "report": self.report,
+            "finished_at": self.at,
+        }
+
+
+_COLUMNS = "uow, key, route, state, status, report, idempotency_key, payload_hash, at"
+
+
+def _record(row: tuple[Any, ...]) -> StateRecord:
+    return StateRecord(
+        uow=row[0],
+        key=row[1],
+        route=row[2],
+        state=FinalState(row[3]),
+        status=row[4],
+        report=json.loads(row[5]) if row[5] else None,
+        idempotencyKey=row[6],
+        payloadHash=row[7],
+        at=row[8],
+    )
+
+
+class StateStore:
+    """
+    Final UOW states in an embedded SQLite database, written with group
+    commit through a serial runner.
+    """
+
+    def __init__(self, path: Path, blocking: Blocking) -> None:
+        self.path = path
+        self._blocking = blocking
+        self._connection: sqlite3.Connection | None = None
+        self._pending: list[tuple[StateRecord, Deferred[None]]] = []
+        self._writing = False
+
+    def open(self) -> None:
+        """
+        Open or create the database (blocking; at start-up).
+        """
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS uows (uow INTEGER PRIMARY KEY, key TEXT NOT NULL,"
+            " route TEXT NOT NULL, state TEXT NOT NULL, status INTEGER NOT NULL, report TEXT,"
+            " idempotency_key TEXT, payload_hash TEXT, at REAL NOT NULL)"
+        )
+        connection.execute(
+            "CREATE INDEX IF NOT EXISTS uows_idempotency ON uows (idempotency_key)"
+            " WHERE idempotency_key IS NOT NULL"
+        )
+        connection.execute("CREATE INDEX IF NOT EXISTS uows_at ON uows (at)")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, uow INTEGER NOT NULL)"
+        )
+        self._connection = connection
+
+    def close(self) -> None:
+        """
+        Close the database (blocking).
+        """
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise sqlite3.OperationalError("the state store is not open")
+        return self._connection
+
+    def record(self, record: StateRecord) -> Deferred[None]:
+        """
+        Write C{record} durably, in the next batch.
+
+        @return: A Deferred that fires once the batch holding it is committed.
+        """
+        written: Deferred[None] = Deferred()
+        self._pending.append((record, written))
+        if not self._writing:
+            self._writeBatch()
+        return written
+
+    def _writeBatch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writing = True
+
+        def done(result: Any) -> None:
+            self._writing = False
+            for _, written in batch:
+                if isinstance(result, Failure):
+                    written.errback(result)
+                else:
+                    written.callback(None)
+            if self._pending:
+                self._writeBatch()
+
+        self._blocking(self._write, [record for record, _ in batch]).addBoth(done)
+
+    def _write(self, records: list[StateRecord]) -> None:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for r in records:
+                db.execute(
+                    f"INSERT OR REPLACE INTO uows ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        r.uow,
+                        r.key,
+                        r.route,
+                        r.state.value,
+                        r.status,
+                        json.dumps(r.report) if r.report is not None else None,
+                        r.idempotencyKey,
+                        r.payloadHash,
+                        r.at,
+                    ),
+                )
+                if r.state is FinalState.stored:
+                    db.execute(
+                        "INSERT INTO keys (key, uow) VALUES (?, ?) ON CONFLICT (key)"
+                        " DO UPDATE SET uow = max(uow, excluded.uow)",
+                        (r.key, r.uow),
+                    )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def get(self, uowId: int) -> Deferred[StateRecord | None]:
+        """
+        The final state of C{uowId}, if it has one.
+        """
+
+        def read() -> StateRecord | None:
+            row = self._db().execute(f"SELECT {_COLUMNS} FROM uows WHERE uow = ?", (uowId,)).fetchone()
+            return None if row is None else _record(row)
+
+        return self._blocking(read)
+
+    def byIdempotencyKey(self, key: str) -> Deferred[StateRecord | None]:
+        """
+        The finished UOW that was sent with C{Idempotency-Key: key}, if any.
+        """
+
+        def read() -> StateRecord | None:
+            row = self._db().execute(
+                f"SELECT {_COLUMNS} FROM uows WHERE idempotency_key = ? ORDER BY uow LIMIT 1", (key,)
+            ).fetchone()
+            return None if row is None else _record(row)
+
+        return self._blocking(read)
+
+    def lastStored(self, key: str) -> Deferred[int | None]:
+        """
+        The newest UOW stored on C{key}, if any.
+        """
+
+        def read() -> int | None:
+            row = self._db().execute("SELECT uow FROM keys WHERE key = ?", (key,)).fetchone()
+            return None if row is None else int(row[0])
+
+        return self._blocking(read)
+
+    def finalIds(self, uowIds: list[int]) -> Deferred[set[int]]:
+        """
+        Which of C{uowIds} have a final state.
+        """
+
+        def read() -> set[int]:
+            found: set[int] = set()
+            db = self._db()
+            for start in range(0, len(uowIds), 500):
+                chunk = uowIds[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                found.update(r[0] for r in db.execute(f"SELECT uow FROM uows WHERE uow IN ({marks})", chunk))
+            return found
+
+        return self._blocking(read)
+
+    def purge(self, before: float) -> Deferred[int]:
+        """
+        Forget final states recorded before C{before} (the newest stored UOW
+        of each key is kept).
+
+        @return: How many were forgotten.
+        """
+
+        def delete() -> int:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                count = db.execute("DELETE FROM uows WHERE at < ?", (before,)).rowcount
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return int(count)
+
+        return self._blocking(delete)
