@@ -59,6 +59,8 @@ class AdminAPI:
         ]
         if not self._container.recovered:
             alarms.append("recovery has not finished")
+        for name, problem in self._container.startFailures.items():
+            alarms.append(f"stash {name} failed to start: {problem}")
         return self._unauthorized(request) or jsonResponse(
             request,
             200,

@@ -115,6 +115,7 @@ class Container:
         self.fanout: Fanout | None = None
         self.retries: RetryEngine | None = None
         self.recovered = False
+        self.startFailures: dict[str, str] = {}
         self._purge: LoopingCall | None = None
 
     def open(self) -> None:
@@ -156,7 +157,17 @@ class Container:
         assert self.fanout is not None and self.front is not None and self.retries is not None
         for name, stash in self.stashes.items():
             if IStartable.providedBy(stash):
-                await stash.start()
+                try:
+                    await stash.start()
+                except Exception as e:
+                    # Like a destination that is down: its UOWs fail with a
+                    # 5xx and wait in the fail queue until it works again.
+                    self.startFailures[name] = str(e) or repr(e)
+                    self.log.critical(
+                        "stash {stash} could not start: {error}; its UOWs will fail until it works",
+                        stash=name,
+                        error=self.startFailures[name],
+                    )
         for worker in self.workers.values():
             worker.start()
         self.fanout.start()

@@ -106,9 +106,24 @@ class ContainerService(Service):
         )
 
     async def _stop(self) -> None:
+        """
+        Stop accepting, give the UOWs under way C{limits.shutdown_grace_s} to
+        finish, then close everything. What is still under way stays in the
+        spool, and recovery settles it at the next start.
+        """
         for port in self._ports:
             await maybeDeferred(port.stopListening)
         self._ports = []
+        grace = self._container.config.limits.shutdownGrace
+        if self._container.fanout is not None:
+            left = await self._container.drain(grace)
+            if left:
+                self.log.warn(
+                    "stopping with {count} UOW(s) under way after {grace}s;"
+                    " recovery settles them at the next start",
+                    count=left,
+                    grace=grace,
+                )
         await self._container.stop()
         self._pools.stop()
 

@@ -46,13 +46,20 @@ class RunningServer:
         self.log = directory / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """
+        Start the server and wait until its admin API answers, which is after
+        recovery.
+
+        @param env: Extra environment variables (a crash point to arm).
+        """
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*TWIST, "apicontainer", "--config", str(self.configPath)],
                 cwd=self.directory,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -64,6 +71,13 @@ class RunningServer:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("server did not become healthy in 30s")
+
+    def waitForDeath(self, timeout: float = 30) -> int:
+        """
+        Wait for the process to end by itself (at an armed crash point).
+        """
+        assert self.process is not None
+        return self.process.wait(timeout)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -106,11 +106,19 @@ class SQLiteStashTests(SynchronousTestCase):
 
     def test_databaseErrorIs503(self) -> None:
         """
-        A stash that cannot write answers a 503 verdict, not an exception.
+        A stash that cannot open its database answers a 503 verdict, not an
+        exception, and works again once the database can be opened.
         """
+        import shutil
+
         self.successResultOf(self.stash.stop())
+        shutil.move(self.path.parent, str(self.path.parent) + ".away")
+        self.path.parent.write_bytes(b"")
         verdict = self.successResultOf(self.stash.stash(uow(1)))
         self.assertEqual((verdict.kind, verdict.status), (VerdictKind.failed, 503))
+        self.path.parent.unlink()
+        shutil.move(str(self.path.parent) + ".away", self.path.parent)
+        self.assertEqual(self.successResultOf(self.stash.stash(uow(1))).kind, VerdictKind.stored)
 
 
 class FilesystemStashTests(SynchronousTestCase):

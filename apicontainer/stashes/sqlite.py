@@ -94,11 +94,18 @@ class SQLiteStash:
             self._connection.close()
             self._connection = None
 
+    def _db(self) -> sqlite3.Connection:
+        """
+        The connection, opened now if C{start} could not open it.
+        """
+        if self._connection is None:
+            self._open()
+        assert self._connection is not None
+        return self._connection
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        connection = self._connection
-        if connection is None:
-            raise sqlite3.OperationalError(f"stash {self.name} is not open")
+        connection = self._db()
         connection.execute("BEGIN IMMEDIATE")
         try:
             yield connection
@@ -109,7 +116,7 @@ class SQLiteStash:
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         def failed(reason):  # type: ignore[no-untyped-def]
-            reason.trap(sqlite3.Error)
+            reason.trap(sqlite3.Error, OSError)
             self.log.warn(
                 "stash {stash} could not store UOW {uow}: {error}",
                 stash=self.name,
@@ -212,10 +219,7 @@ class SQLiteStash:
         return self._blocking(self._read, key)
 
     def _read(self, key: str) -> Document | None:
-        connection = self._connection
-        if connection is None:
-            raise sqlite3.OperationalError(f"stash {self.name} is not open")
-        row = connection.execute(
+        row = self._db().execute(
             f'SELECT body, content_type, uow FROM "{self.table}"'
             " WHERE key = ? AND body IS NOT NULL",
             (key,),
