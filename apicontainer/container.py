@@ -205,7 +205,12 @@ class Container:
         active = list(self.fanout.active)
         if not active:
             return 0
-        waiting: Deferred[Any] = DeferredList(active, consumeErrors=True)
+        # Wait on a Deferred of our own: a timeout cancels what it waits on,
+        # and the UOWs themselves must go on.
+        waiting: Deferred[None] = Deferred()
+        DeferredList(active, consumeErrors=True).addCallback(
+            lambda _: None if waiting.called else waiting.callback(None)
+        )
         waiting.addTimeout(grace, self.clock)
         try:
             await waiting

@@ -251,3 +251,16 @@ async def test_concurrentWritesOnOneKey(server: RunningServer) -> None:
     expected = reports[lastOnShared][1]
     assert sqliteRow(server, "/items/shared") == (expected, lastOnShared)
     assert (server.dataDir / "files" / "items" / "shared.doc").read_bytes() == expected
+
+
+def test_sigtermStopsCleanly(server: RunningServer) -> None:
+    """
+    SIGTERM stops the server after a clean shutdown (twist then ends by the
+    same signal, as is the convention), nothing left spooled.
+    """
+    assert server.request("PUT", "/items/1", b"x")[0] == 200
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == -signal.SIGTERM
+    assert "Main loop terminated." in server.log.read_text()
+    assert os.listdir(server.dataDir / "spool") == []

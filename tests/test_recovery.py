@@ -408,3 +408,38 @@ class StateStoreTests(SynchronousTestCase):
         self.assertEqual(writes, [1, 3])
         store._blocking = inline
         self.assertEqual(self.successResultOf(store.lastStored("/k")), 4)
+
+
+class ShutdownTests(HarnessTestCase):
+    """
+    On stop, UOWs under way get limits.shutdown_grace_s to finish; the rest
+    stay spooled for recovery.
+    """
+
+    def test_drainWaitsForUnderway(self) -> None:
+        """
+        A UOW that finishes within the grace is waited for.
+        """
+        a = MemoryStash("a", hang=True)
+        h = self.build(a, timeout=3.0)
+        h.send("PUT", "/items/1", b"x")
+        draining = Deferred.fromCoroutine(h.container.drain(10.0))
+        self.assertNoResult(draining)
+        h.clock.advance(3)
+        self.assertEqual(self.successResultOf(draining), 0)
+
+    def test_drainGivesUpAtDeadline(self) -> None:
+        """
+        A UOW still under way at the deadline is left in the spool, and the
+        next start settles it.
+        """
+        a = MemoryStash("a", hang=True)
+        h = self.build(a, timeout=100.0)
+        h.send("PUT", "/items/1", b"x")
+        draining = Deferred.fromCoroutine(h.container.drain(5.0))
+        h.clock.advance(5)
+        self.assertEqual(self.successResultOf(draining), 1)
+        self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+        again = MemoryStash("a")
+        self.reopen(again)
+        self.assertEqual(again.bodies(), {"/items/1": b"x"})
