@@ -100,7 +100,7 @@ def _entry(entry: dict[str, Any], out: TextIO) -> None:
         ("key", entry.get("key")),
         ("route", entry.get("route")),
         ("state", entry.get("state")),
-        ("attempts", entry.get("attempts", entry.get("attempt"))),
+        ("attempts", entry.get("attempts")),
         ("first failed", _when(entry.get("first_failed_at")) if "first_failed_at" in entry else None),
         ("next attempt", _when(entry.get("next_attempt_at")) if "next_attempt_at" in entry else None),
         ("finished", _when(entry.get("finished_at")) if "finished_at" in entry else None),

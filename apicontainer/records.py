@@ -49,7 +49,7 @@ class UOWRecord:
             "key": self.key,
             "route": self.route,
             "state": self.state.value,
-            "attempt": self.attempt,
+            "attempt_id": self.attempt,
             "report": self.report.asRecord() if self.report else None,
         }
 
