@@ -330,194 +330,314 @@ class ContainerHarness:
         return self.result(self.sendAdmin(method, path))
 
 
+def contractUOW(
+    uowId: int, body: bytes | None = b"body", key: str = "/items/1", attempt: int | None = None
+) -> UnitOfWork:
+    """
+    A UOW of the contract checks: writing C{body} to C{key}, or deleting it
+    when C{body} is L{None}; its first attempt unless C{attempt} is given.
+    """
+    return UnitOfWork(
+        id=uowId,
+        method="DELETE" if body is None else "PUT",
+        key=key,
+        route="/items/<id>",
+        body=body or b"",
+        contentType=None if body is None else "text/plain",
+        attempt=uowId if attempt is None else attempt,
+    )
+
+
+async def _read(stash: Any, key: str = "/items/1") -> bytes | None:
+    document = await stash.read(key)
+    return None if document is None else document.body
+
+
+async def _kind(stash: Any, uow: UnitOfWork) -> str:
+    verdict = await stash.stash(uow)
+    return verdict.kind.value  # type: ignore[no-any-return]
+
+
+async def checkInterfaces(stash: Any) -> None:
+    """
+    The stash provides IStash (and IReader, which the contract reads by).
+    """
+    from zope.interface.verify import verifyObject
+
+    assert verifyObject(IStash, stash)
+    assert verifyObject(IReader, stash)
+
+
+async def checkStashThenCommitIsPermanent(stash: Any) -> None:
+    """
+    A stored and committed write stays; a rollback after the commit changes
+    nothing.
+    """
+    uow = contractUOW(1, b"one")
+    assert await _kind(stash, uow) == "stored"
+    await stash.commit(uow)
+    await stash.rollback(uow)
+    assert await _read(stash) == b"one"
+
+
+async def checkRollbackRestoresAbsence(stash: Any) -> None:
+    """
+    Rolling back the first write of a key leaves the key absent.
+    """
+    uow = contractUOW(1, b"one")
+    await stash.stash(uow)
+    assert await _read(stash) == b"one"
+    await stash.rollback(uow)
+    assert await _read(stash) is None
+
+
+async def checkRollbackRestoresPreviousValue(stash: Any) -> None:
+    """
+    Rolling back a write restores the value it replaced.
+    """
+    first, second = contractUOW(1, b"one"), contractUOW(2, b"two")
+    await stash.stash(first)
+    await stash.commit(first)
+    await stash.stash(second)
+    assert await _read(stash) == b"two"
+    await stash.rollback(second)
+    assert await _read(stash) == b"one"
+
+
+async def checkRollbackOfDeleteRestores(stash: Any) -> None:
+    """
+    A delete hides the document; its rollback brings it back.
+    """
+    first, delete = contractUOW(1, b"one"), contractUOW(2, None)
+    await stash.stash(first)
+    await stash.commit(first)
+    assert await _kind(stash, delete) == "stored"
+    assert await _read(stash) is None
+    await stash.rollback(delete)
+    assert await _read(stash) == b"one"
+
+
+async def checkRollbackIsIdempotent(stash: Any) -> None:
+    """
+    A second rollback of the same UOW changes nothing.
+    """
+    first, second = contractUOW(1, b"one"), contractUOW(2, b"two")
+    await stash.stash(first)
+    await stash.commit(first)
+    await stash.stash(second)
+    await stash.rollback(second)
+    await stash.rollback(second)
+    assert await _read(stash) == b"one"
+
+
+async def checkRollbackBeforeLateStash(stash: Any) -> None:
+    """
+    A rollback that arrives before its stash leaves nothing behind once the
+    late stash arrives.
+    """
+    uow = contractUOW(1, b"one")
+    await stash.rollback(uow)
+    assert await _kind(stash, uow) == "declined"
+    assert await _read(stash) is None
+
+
+async def checkRetryAfterRollbackStores(stash: Any) -> None:
+    """
+    A later attempt of a rolled-back UOW stores again.
+    """
+    await stash.stash(contractUOW(1, b"one"))
+    await stash.rollback(contractUOW(1, b"one"))
+    retry = contractUOW(1, b"one", attempt=7)
+    assert await _kind(stash, retry) == "stored"
+    await stash.commit(retry)
+    assert await _read(stash) == b"one"
+
+
+async def checkRollbackOfLaterAttemptBlocksIt(stash: Any) -> None:
+    """
+    A rollback sent for a later attempt (whose stash call has not arrived)
+    blocks that attempt's late stash too.
+    """
+    await stash.stash(contractUOW(1, b"one"))
+    await stash.rollback(contractUOW(1, b"one", attempt=9))
+    assert await _read(stash) is None
+    assert await _kind(stash, contractUOW(1, b"one", attempt=9)) == "declined"
+    assert await _read(stash) is None
+
+
+async def checkReplayStoresOnce(stash: Any) -> None:
+    """
+    Replaying a stored UOW stores nothing more: its rollback still restores
+    the value before it.
+    """
+    first, second = contractUOW(1, b"one"), contractUOW(2, b"two")
+    await stash.stash(first)
+    await stash.commit(first)
+    await stash.stash(second)
+    assert await _kind(stash, second) == "stored"
+    await stash.rollback(second)
+    assert await _read(stash) == b"one"
+
+
+async def checkOlderNeverOverwritesNewer(stash: Any) -> None:
+    """
+    A UOW older than the one that wrote the current value is declined and
+    changes nothing, also after a delete.
+    """
+    newer = contractUOW(5, b"new")
+    await stash.stash(newer)
+    await stash.commit(newer)
+    assert await _kind(stash, contractUOW(3, b"old")) == "declined"
+    assert await _read(stash) == b"new"
+    delete = contractUOW(6, None)
+    await stash.stash(delete)
+    await stash.commit(delete)
+    assert await _kind(stash, contractUOW(4, b"old")) == "declined"
+    assert await _read(stash) is None
+
+
+async def checkRollbackNeverClobbersLaterWrite(stash: Any) -> None:
+    """
+    Rolling back a UOW whose write a later UOW replaced keeps the later
+    write; rolling that one back then restores the value before both.
+    """
+    base, first, second = contractUOW(1, b"base"), contractUOW(2, b"one"), contractUOW(3, b"two")
+    await stash.stash(base)
+    await stash.commit(base)
+    await stash.stash(first)
+    await stash.stash(second)
+    await stash.rollback(first)
+    assert await _read(stash) == b"two"
+    await stash.rollback(second)
+    assert await _read(stash) == b"base"
+
+
+async def checkKeysAreIndependent(stash: Any) -> None:
+    """
+    A rollback on one key leaves another key alone.
+    """
+    a, b = contractUOW(1, b"a", key="/items/a"), contractUOW(2, b"b", key="/items/b")
+    await stash.stash(a)
+    await stash.stash(b)
+    await stash.rollback(a)
+    assert await _read(stash, "/items/a") is None
+    assert await _read(stash, "/items/b") == b"b"
+
+
+CONTRACT = {
+    check.__name__[len("check") :]: check
+    for check in (
+        checkInterfaces,
+        checkStashThenCommitIsPermanent,
+        checkRollbackRestoresAbsence,
+        checkRollbackRestoresPreviousValue,
+        checkRollbackOfDeleteRestores,
+        checkRollbackIsIdempotent,
+        checkRollbackBeforeLateStash,
+        checkRetryAfterRollbackStores,
+        checkRollbackOfLaterAttemptBlocksIt,
+        checkReplayStoresOnce,
+        checkOlderNeverOverwritesNewer,
+        checkRollbackNeverClobbersLaterWrite,
+        checkKeysAreIndependent,
+    )
+}
+"""
+Every rule of L{IStash}, by name, as an C{async} check that takes a fresh,
+started stash and raises C{AssertionError} if the stash breaks the rule.
+"""
+
+INTERLEAVING_KEYS = ("/items/0", "/items/1")
+
+
+def interleavings() -> Any:
+    """
+    A Hypothesis strategy of operation sequences for L{checkInterleaving}:
+    C{(operation, uow)} pairs over four UOWs on two keys (UOW 4 deletes),
+    where C{operation} is stash, rollback, commit or retry (a new attempt).
+    """
+    from hypothesis import strategies
+
+    return strategies.lists(
+        strategies.tuples(
+            strategies.sampled_from(["stash", "rollback", "commit", "retry"]),
+            strategies.integers(min_value=1, max_value=4),
+        ),
+        max_size=24,
+    )
+
+
+async def checkInterleaving(stash: Any, operations: list[tuple[str, int]]) -> None:
+    """
+    Apply C{operations} to C{stash} and to a L{MemoryStash}, the reference,
+    and check that they give the same verdicts and hold the same documents
+    after every step.
+    """
+    reference = MemoryStash("reference")
+    attempts = {uowId: uowId for uowId in range(1, 5)}
+    for step, (operation, uowId) in enumerate(operations):
+        if operation == "retry":
+            attempts[uowId] = 100 * (step + 1) + uowId
+            operation = "stash"
+        uow = contractUOW(
+            uowId,
+            None if uowId == 4 else b"body-%d" % (uowId,),
+            key=INTERLEAVING_KEYS[uowId % 2],
+            attempt=attempts[uowId],
+        )
+        if operation == "stash":
+            expected, got = await reference.stash(uow), await stash.stash(uow)
+            assert got.kind == expected.kind, (step, operation, uowId, got, expected)
+        else:
+            await getattr(reference, operation)(uow)
+            await getattr(stash, operation)(uow)
+        for key in INTERLEAVING_KEYS:
+            assert await _read(stash, key) == await _read(reference, key), (step, operation, uowId, key)
+
+
 class StashContractTests:
     """
     The stash contract, as a mixin for a L{twisted.trial.unittest.SynchronousTestCase}.
 
     Mix it into a test case of your own and define C{makeStash()}, returning
     a fresh, started stash whose Deferreds fire synchronously (run its
-    blocking calls with L{apicontainer.blocking.inline}). Each test proves one
-    rule of L{apicontainer.interfaces.IStash}.
+    blocking calls with L{apicontainer.blocking.inline}); each check of
+    L{CONTRACT} becomes a test, and C{test_interleavings} runs random
+    sequences of operations against the reference (Hypothesis). For a stash
+    that talks to a server, run the same L{CONTRACT} checks and
+    L{checkInterleaving} from tests that wait on the reactor (pytest-twisted).
     """
+
+    successResultOf: Any
 
     def makeStash(self) -> IStash:
         raise NotImplementedError("define makeStash() in your test case")
 
-    # Provided by the TestCase this is mixed into.
-    successResultOf: Any
-    assertEqual: Any
-    assertIsNone: Any
-    assertTrue: Any
+    def runCheck(self, check: Callable[..., Any], *args: Any) -> None:
+        self.successResultOf(Deferred.fromCoroutine(check(self.makeStash(), *args)))
 
-    def uow(self, uowId: int, body: bytes | None = b"body", key: str = "/items/1", attempt: int = 1) -> UnitOfWork:
+    def test_interleavings(self) -> None:
         """
-        A UOW writing C{body} to C{key}, or deleting it when C{body} is None.
+        Random interleavings of stash, rollback, commit and retry give the
+        verdicts and documents of the reference stash.
         """
-        return UnitOfWork(
-            id=uowId,
-            method="DELETE" if body is None else "PUT",
-            key=key,
-            route="/items/<id>",
-            body=body or b"",
-            contentType=None if body is None else "text/plain",
-            attempt=attempt,
-        )
+        from hypothesis import HealthCheck, given, settings
 
-    def read(self, stash: Any, key: str = "/items/1") -> bytes | None:
-        document = self.successResultOf(stash.read(key))
-        return None if document is None else document.body
+        @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(interleavings())
+        def property(operations: list[tuple[str, int]]) -> None:
+            self.runCheck(checkInterleaving, operations)
 
-    def test_verifyObject(self) -> None:
-        """
-        The stash provides IStash (and IReader, which the contract reads by).
-        """
-        from zope.interface.verify import verifyObject
+        property()
 
-        stash = self.makeStash()
-        self.assertTrue(verifyObject(IStash, stash))
-        self.assertTrue(verifyObject(IReader, stash))
 
-    def test_stashThenCommitIsPermanent(self) -> None:
-        """
-        A stored and committed write stays, and a rollback after the commit
-        changes nothing.
-        """
-        stash = self.makeStash()
-        uow = self.uow(1, b"one")
-        self.assertEqual(self.successResultOf(stash.stash(uow)).kind.value, "stored")
-        self.successResultOf(stash.commit(uow))
-        self.successResultOf(stash.rollback(uow))
-        self.assertEqual(self.read(stash), b"one")
+def _contractTest(check: Callable[..., Any]) -> Callable[[Any], None]:
+    def test(self: Any) -> None:
+        self.runCheck(check)
 
-    def test_rollbackRestoresAbsence(self) -> None:
-        """
-        Rolling back the first write of a key leaves the key absent.
-        """
-        stash = self.makeStash()
-        uow = self.uow(1, b"one")
-        self.successResultOf(stash.stash(uow))
-        self.assertEqual(self.read(stash), b"one")
-        self.successResultOf(stash.rollback(uow))
-        self.assertIsNone(self.read(stash))
+    test.__doc__ = check.__doc__
+    return test
 
-    def test_rollbackRestoresPreviousValue(self) -> None:
-        """
-        Rolling back a write restores the value it replaced.
-        """
-        stash = self.makeStash()
-        first, second = self.uow(1, b"one"), self.uow(2, b"two")
-        self.successResultOf(stash.stash(first))
-        self.successResultOf(stash.commit(first))
-        self.successResultOf(stash.stash(second))
-        self.successResultOf(stash.rollback(second))
-        self.assertEqual(self.read(stash), b"one")
 
-    def test_rollbackOfDeleteRestores(self) -> None:
-        """
-        A delete hides the document; its rollback brings it back.
-        """
-        stash = self.makeStash()
-        first, delete = self.uow(1, b"one"), self.uow(2, None)
-        self.successResultOf(stash.stash(first))
-        self.successResultOf(stash.commit(first))
-        self.successResultOf(stash.stash(delete))
-        self.assertIsNone(self.read(stash))
-        self.successResultOf(stash.rollback(delete))
-        self.assertEqual(self.read(stash), b"one")
-
-    def test_rollbackIsIdempotent(self) -> None:
-        """
-        A second rollback of the same UOW changes nothing.
-        """
-        stash = self.makeStash()
-        first, second = self.uow(1, b"one"), self.uow(2, b"two")
-        self.successResultOf(stash.stash(first))
-        self.successResultOf(stash.commit(first))
-        self.successResultOf(stash.stash(second))
-        self.successResultOf(stash.rollback(second))
-        self.successResultOf(stash.rollback(second))
-        self.assertEqual(self.read(stash), b"one")
-
-    def test_rollbackBeforeLateStash(self) -> None:
-        """
-        A rollback that arrives before its stash leaves nothing behind once
-        the late stash arrives.
-        """
-        stash = self.makeStash()
-        uow = self.uow(1, b"one")
-        self.successResultOf(stash.rollback(uow))
-        verdict = self.successResultOf(stash.stash(uow))
-        self.assertEqual(verdict.kind.value, "declined")
-        self.assertIsNone(self.read(stash))
-
-    def test_retryAfterRollbackStores(self) -> None:
-        """
-        A later attempt of a rolled-back UOW stores again.
-        """
-        stash = self.makeStash()
-        self.successResultOf(stash.stash(self.uow(1, b"one")))
-        self.successResultOf(stash.rollback(self.uow(1, b"one")))
-        retry = self.uow(1, b"one", attempt=2)
-        self.assertEqual(self.successResultOf(stash.stash(retry)).kind.value, "stored")
-        self.successResultOf(stash.commit(retry))
-        self.assertEqual(self.read(stash), b"one")
-
-    def test_replayStoresOnce(self) -> None:
-        """
-        Replaying a stored UOW stores nothing more: its rollback still
-        restores the value before it.
-        """
-        stash = self.makeStash()
-        first, second = self.uow(1, b"one"), self.uow(2, b"two")
-        self.successResultOf(stash.stash(first))
-        self.successResultOf(stash.commit(first))
-        self.successResultOf(stash.stash(second))
-        verdict = self.successResultOf(stash.stash(second))
-        self.assertEqual(verdict.kind.value, "stored")
-        self.successResultOf(stash.rollback(second))
-        self.assertEqual(self.read(stash), b"one")
-
-    def test_olderNeverOverwritesNewer(self) -> None:
-        """
-        A UOW older than the one that wrote the current value is declined
-        and changes nothing, also after a delete.
-        """
-        stash = self.makeStash()
-        newer, older = self.uow(5, b"new"), self.uow(3, b"old")
-        self.successResultOf(stash.stash(newer))
-        self.successResultOf(stash.commit(newer))
-        self.assertEqual(self.successResultOf(stash.stash(older)).kind.value, "declined")
-        self.assertEqual(self.read(stash), b"new")
-        delete = self.uow(6, None)
-        self.successResultOf(stash.stash(delete))
-        self.successResultOf(stash.commit(delete))
-        self.assertEqual(self.successResultOf(stash.stash(self.uow(4, b"old"))).kind.value, "declined")
-        self.assertIsNone(self.read(stash))
-
-    def test_rollbackNeverClobbersLaterWrite(self) -> None:
-        """
-        Rolling back a UOW whose write a later UOW replaced keeps the later
-        write; rolling that one back then restores the value before both.
-        """
-        stash = self.makeStash()
-        base, first, second = self.uow(1, b"base"), self.uow(2, b"one"), self.uow(3, b"two")
-        self.successResultOf(stash.stash(base))
-        self.successResultOf(stash.commit(base))
-        self.successResultOf(stash.stash(first))
-        self.successResultOf(stash.stash(second))
-        self.successResultOf(stash.rollback(first))
-        self.assertEqual(self.read(stash), b"two")
-        self.successResultOf(stash.rollback(second))
-        self.assertEqual(self.read(stash), b"base")
-
-    def test_keysAreIndependent(self) -> None:
-        """
-        A rollback on one key leaves another key alone.
-        """
-        stash = self.makeStash()
-        a, b = self.uow(1, b"a", key="/items/a"), self.uow(2, b"b", key="/items/b")
-        self.successResultOf(stash.stash(a))
-        self.successResultOf(stash.stash(b))
-        self.successResultOf(stash.rollback(a))
-        self.assertIsNone(self.read(stash, "/items/a"))
-        self.assertEqual(self.read(stash, "/items/b"), b"b")
+for _name, _check in CONTRACT.items():
+    setattr(StashContractTests, f"test_{_name}", _contractTest(_check))
