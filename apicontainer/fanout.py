@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -242,7 +242,8 @@ class Fanout:
 
     async def _everywhere(self, step: str, uow: UnitOfWork, names: Sequence[str]) -> list[str]:
         """
-        Run C{commit} or C{rollback} on each named stash, one after another.
+        Run C{commit} or C{rollback} on each named stash, one after another,
+        each within the stash's C{timeout_s}.
 
         @return: The names of the stashes where it failed.
         """
@@ -250,9 +251,10 @@ class Fanout:
         for index, name in enumerate(names):
             if index == 1:
                 reach(f"during-{step}")
-            stash = self._workers[name].stash
+            worker = self._workers[name]
             try:
-                await getattr(stash, step)(uow)
+                call = maybeDeferred(getattr(worker.stash, step), uow)
+                await call.addTimeout(worker.timeout, self._clock)
             except Exception:
                 self.log.failure(
                     "stash {stash} failed to {step} UOW {uow}", stash=name, step=step, uow=uow.id

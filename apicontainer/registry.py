@@ -34,6 +34,9 @@ ENTRY_POINT_GROUP = "apicontainer.stashes"
 
 BUILTIN = {
     "filesystem": "apicontainer.stashes.filesystem:FilesystemStash.fromConfig",
+    "http": "apicontainer.stashes.http:HTTPStash.fromConfig",
+    "postgres": "apicontainer.stashes.postgres:PostgresStash.fromConfig",
+    "redis": "apicontainer.stashes.redis:RedisStash.fromConfig",
     "sqlite": "apicontainer.stashes.sqlite:SQLiteStash.fromConfig",
 }
 

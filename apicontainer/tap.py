@@ -62,6 +62,7 @@ def makeService(options: Options) -> IService:
             dataDir=config.dataDir,
             blocking=inThreadPool(reactor, reactor.getThreadPool()),
             serial=pools.runner,
+            reactor=reactor,
         )
         stashes = buildStashes(config, context)
     except ConfigError as e:

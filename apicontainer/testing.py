@@ -20,6 +20,7 @@ sockets, threads or real time::
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -565,6 +566,19 @@ def interleavings() -> Any:
         ),
         max_size=24,
     )
+
+
+def randomInterleavings(count: int, seed: int = 0) -> list[list[tuple[str, int]]]:
+    """
+    C{count} sequences like those of L{interleavings}, from a seeded random
+    source: for tests on the reactor, where Hypothesis cannot drive them.
+    """
+    rng = random.Random(seed)
+    operations = ["stash", "rollback", "commit", "retry"]
+    return [
+        [(rng.choice(operations), rng.randint(1, 4)) for _ in range(rng.randint(0, 24))]
+        for _ in range(count)
+    ]
 
 
 async def checkInterleaving(stash: Any, operations: list[tuple[str, int]]) -> None:

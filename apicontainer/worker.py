@@ -47,7 +47,7 @@ class StashWorker:
         self.queue: DeferredQueue[Delivery] = DeferredQueue()
         self._clock = clock
         self._concurrency = concurrency
-        self._timeout = timeout
+        self.timeout = timeout
         self._loops: list[Deferred[None]] = []
 
     @property
@@ -84,7 +84,7 @@ class StashWorker:
         Ask the stash for its verdict on C{uow}, within the timeout.
         """
         attempt = maybeDeferred(self.stash.stash, uow)
-        attempt.addTimeout(self._timeout, self._clock)
+        attempt.addTimeout(self.timeout, self._clock)
         try:
             verdict = await attempt
         except (defer.TimeoutError, error.TimeoutError):
@@ -92,9 +92,9 @@ class StashWorker:
                 "stash {stash} timed out on UOW {uow} after {timeout}s",
                 stash=self.name,
                 uow=uow.id,
-                timeout=self._timeout,
+                timeout=self.timeout,
             )
-            return Verdict.failed(504, f"timed out after {self._timeout:g}s")
+            return Verdict.failed(504, f"timed out after {self.timeout:g}s")
         except Exception as e:
             self.log.failure("stash {stash} raised on UOW {uow}", stash=self.name, uow=uow.id)
             return Verdict.failed(500, f"{type(e).__name__}: {e}")

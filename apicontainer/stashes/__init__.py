@@ -5,7 +5,7 @@ The built-in stashes, and what every stash factory is given.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from attrs import frozen
 from twisted.internet.interfaces import IReactorTime
@@ -19,6 +19,8 @@ class StashContext:
     What a stash factory may use besides its own options.
 
     @ivar clock: The clock every wait and timeout runs on.
+    @ivar reactor: The reactor, for stashes that open connections (in the
+        server, the same object as C{clock}).
     @ivar dataDir: The data directory; relative paths in stash options are
         resolved against it.
     @ivar blocking: A shared runner for short blocking calls.
@@ -31,6 +33,7 @@ class StashContext:
     dataDir: Path
     blocking: Blocking
     serial: Callable[[str], Blocking]
+    reactor: Any = None
 
     def path(self, value: str) -> Path:
         """
