@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 from apicontainer.blocking import inline
 from apicontainer.interfaces import IStartable
 from apicontainer.stashes.filesystem import FilesystemStash, encodeSegment
+from apicontainer.stashes.http import HTTPStash
 from apicontainer.stashes.sqlite import SQLiteStash
 from apicontainer.testing import MemoryStash, StashContractTests
 from apicontainer.uow import UnitOfWork, VerdictKind
@@ -205,3 +206,76 @@ class FilesystemStashTests(SynchronousTestCase):
         self.root.write_bytes(b"not a directory")
         verdict = self.successResultOf(self.stash.stash(uow(1)))
         self.assertEqual((verdict.kind, verdict.status), (VerdictKind.failed, 503))
+
+
+class HTTPStashContractTests(StashContractTests, SynchronousTestCase):
+    """
+    The http stash keeps the contract, against an in-memory downstream.
+    """
+
+    def makeStash(self) -> HTTPStash:
+        from treq.testing import StubTreq
+
+        from .downstream import Downstream
+
+        self.downstream = Downstream()
+        stash = HTTPStash(
+            "api", "http://downstream.test/api", Path(self.mktemp()) / "undo.sqlite3", inline,
+            http=StubTreq(self.downstream),
+        )
+        self.successResultOf(stash.start())
+        self.addCleanup(stash.stop)
+        return stash
+
+
+class HTTPStashTests(SynchronousTestCase):
+    """
+    What the http stash sends downstream.
+    """
+
+    def setUp(self) -> None:
+        from treq.testing import StubTreq
+
+        from .downstream import Downstream
+
+        self.downstream = Downstream()
+        self.stash = HTTPStash(
+            "api", "http://downstream.test/api", Path(self.mktemp()) / "undo.sqlite3", inline,
+            headers={"Authorization": "Bearer t"}, http=StubTreq(self.downstream),
+        )
+        self.successResultOf(self.stash.start())
+        self.addCleanup(self.stash.stop)
+
+    def test_forwardWithBeforeImageAndKey(self) -> None:
+        """
+        A write is a GET (before-image) then the same method with the body,
+        content type, configured headers and an Idempotency-Key per UOW.
+        """
+        self.successResultOf(self.stash.stash(uow(3, body=b"doc", contentType="application/json")))
+        self.assertEqual(
+            self.downstream.requests,
+            [(b"GET", b"/api/items/1", None), (b"PUT", b"/api/items/1", b"apicontainer-3")],
+        )
+        self.assertEqual(self.downstream.documents[b"/api/items/1"], (b"doc", b"application/json"))
+
+    def test_downstreamStatusIsVerdict(self) -> None:
+        """
+        The downstream's 4xx or 5xx is the verdict's status.
+        """
+        for status in (409, 502):
+            self.downstream.mode = status
+            verdict = self.successResultOf(self.stash.stash(uow(status, key=f"/items/{status}")))
+            self.assertEqual((verdict.kind, verdict.status), (VerdictKind.failed, status))
+
+    def test_compensationFailureRaises(self) -> None:
+        """
+        A compensating request the downstream refuses is a failed rollback.
+        """
+        from apicontainer.stashes.http import DownstreamError
+
+        self.successResultOf(self.stash.stash(uow(1)))
+        self.downstream.mode = 500
+        self.failureResultOf(self.stash.rollback(uow(1)), DownstreamError)
+        self.downstream.mode = None
+        self.successResultOf(self.stash.rollback(uow(1)))
+        self.assertEqual(self.downstream.documents, {})
