@@ -174,8 +174,6 @@ class HTTPStash:
             return Verdict.declined(f"superseded by UOW {newest[0]}")
         try:
             status, before, beforeType = await self._fetch(uow.key)
-        except CancelledError:
-            raise
         except Exception as e:
             return self._unreachable(uow, e)
         if status not in (200, 404):
@@ -213,8 +211,6 @@ class HTTPStash:
                 **{"Idempotency-Key": f"apicontainer-{uow.id}"},
             )
             await treq.content(response)
-        except CancelledError:
-            raise
         except Exception as e:
             return self._unreachable(uow, e)
         if 200 <= response.code < 300:
@@ -226,6 +222,13 @@ class HTTPStash:
         return Verdict.failed(502, f"downstream answered {response.code}")
 
     def _unreachable(self, uow: UnitOfWork, error: Exception) -> Verdict:
+        """
+        The verdict for a downstream that could not be reached; a call that
+        was cancelled (the worker's timeout) stays cancelled.
+        """
+        reasons = getattr(error, "reasons", None) or []
+        if isinstance(error, CancelledError) or any(r.check(CancelledError) for r in reasons):
+            raise CancelledError() from error
         self.log.warn(
             "stash {stash} could not reach {url} for UOW {uow}: {error}",
             stash=self.name,
