@@ -4,7 +4,7 @@ The YAML configuration: loaded, validated, and every error tied to its line.
 A wrong configuration stops the start with one line, for example::
 
     config.yaml:12: stashes.files.type: unknown stash type 'filesytem'
-    (known: filesystem, sqlite)
+    (known: filesystem, http, postgres, redis, sqlite)
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ class StashSpec:
     concurrency: int
     timeout: float
     options: Section = field(eq=False)
+    part: str | None = None
 
 
 @frozen
@@ -339,6 +340,7 @@ def _stashes(section: Section, knownTypes: frozenset[str]) -> dict[str, StashSpe
             concurrency=options.integer("concurrency", 16, minimum=1),
             timeout=options.number("timeout_s", 30.0),
             options=options,
+            part=options.string("part", None),
         )
     return stashes
 

@@ -101,7 +101,7 @@ class Container:
         self.idempotency = IdempotencyIndex(self.states, self.failQueue)
         self.records = UOWRecords()
         self.workers = {
-            name: StashWorker(stash, clock, spec.concurrency, spec.timeout)
+            name: StashWorker(stash, clock, spec.concurrency, spec.timeout, spec.part)
             for (name, spec), stash in zip(config.stashes.items(), stashes.values())
         }
         self.routes = {

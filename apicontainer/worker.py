@@ -4,7 +4,7 @@ Stash workers: each reads one stash's routing queue and calls the stash.
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred, DeferredQueue, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from .interfaces import IStash
 from .crashpoints import reach
+from .multipart import MultipartError
 from .uow import UnitOfWork, Verdict, VerdictKind
 
 
@@ -41,13 +42,25 @@ class StashWorker:
     log = Logger()
 
     def __init__(
-        self, stash: IStash, clock: IReactorTime, concurrency: int = 16, timeout: float = 30.0
+        self,
+        stash: IStash,
+        clock: IReactorTime,
+        concurrency: int = 16,
+        timeout: float = 30.0,
+        part: str | None = None,
     ) -> None:
+        """
+        @param part: When set, the stash gets only the C{multipart/form-data}
+            part of this name, as the UOW's body and content type; a UOW
+            without it is declined for the stash, and a malformed multipart
+            body is a 400.
+        """
         self.stash = stash
         self.queue: DeferredQueue[Delivery] = DeferredQueue()
         self._clock = clock
         self._concurrency = concurrency
         self.timeout = timeout
+        self.part = part
         self._loops: list[Deferred[None]] = []
 
     @property
@@ -83,6 +96,14 @@ class StashWorker:
         """
         Ask the stash for its verdict on C{uow}, within the timeout.
         """
+        if self.part is not None and not uow.isDelete:
+            try:
+                found = uow.part(self.part)
+            except MultipartError as e:
+                return Verdict.failed(400, str(e))
+            if found is None:
+                return Verdict.declined(f"no part named {self.part!r}")
+            uow = evolve(uow, body=found.body, contentType=found.contentType, _parts={})
         attempt = maybeDeferred(self.stash.stash, uow)
         attempt.addTimeout(self.timeout, self._clock)
         try:

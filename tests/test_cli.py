@@ -87,4 +87,4 @@ def test_checkConfig(tmp_path: Path) -> None:
     bad.write_text("stashes:\n  a: {type: nope}\nroutes: [{path: /x, stashes: [a]}]\n")
     result = run(None, "check-config", str(bad))
     assert result.returncode == 78
-    assert result.stderr == f"apicontainer: {bad}:2: stashes.a.type: unknown stash type 'nope' (known: filesystem, sqlite)\n"
+    assert result.stderr == f"apicontainer: {bad}:2: stashes.a.type: unknown stash type 'nope' (known: filesystem, http, postgres, redis, sqlite)\n"

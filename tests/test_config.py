@@ -77,7 +77,7 @@ class ConfigTests(SynchronousTestCase):
         message = self.refused(GOOD.replace("type: filesystem", "type: filesytem"))
         self.assertEqual(
             message,
-            ":6: stashes.files.type: unknown stash type 'filesytem' (known: filesystem, sqlite)",
+            ":6: stashes.files.type: unknown stash type 'filesytem' (known: filesystem, http, postgres, redis, sqlite)",
         )
 
     def test_undeclaredStash(self) -> None:

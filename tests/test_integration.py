@@ -180,7 +180,7 @@ def test_badConfigIsOneLine(tmp_path: Path) -> None:
     assert result.returncode == 78
     lines = result.stderr.decode().strip().splitlines()
     assert lines == [
-        f"apicontainer: {config}:7: stashes.files.type: unknown stash type 'filesytem' (known: filesystem, sqlite)"
+        f"apicontainer: {config}:7: stashes.files.type: unknown stash type 'filesytem' (known: filesystem, http, postgres, redis, sqlite)"
     ]
     assert not (tmp_path / "var").exists()
 

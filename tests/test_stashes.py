@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -174,28 +175,6 @@ class FilesystemStashTests(SynchronousTestCase):
         self.assertEqual(encodeSegment("a/b"), "a%2Fb")
         self.assertTrue(encodeSegment("x" * 500).startswith("~"))
 
-    def test_partOnly(self) -> None:
-        """
-        With part set, only that multipart part is stored; a request without
-        it is declined and writes nothing.
-        """
-        stash = FilesystemStash("images", self.root / "images", inline, part="image")
-        self.successResultOf(stash.start())
-        boundary = "XyZ"
-        body = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"doc\"\r\n\r\n{{}}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\nPNGDATA\r\n--{boundary}--\r\n"
-        ).encode()
-        ctype = f"multipart/form-data; boundary={boundary}"
-        verdict = self.successResultOf(stash.stash(uow(1, body=body, contentType=ctype)))
-        self.assertEqual(verdict.kind, VerdictKind.stored)
-        document = self.successResultOf(stash.read("/items/1"))
-        self.assertEqual((document.body, document.contentType), (b"PNGDATA", "image/png"))
-        declined = self.successResultOf(stash.stash(uow(2, "/items/2", b"{}", contentType="application/json")))
-        self.assertEqual(declined.kind, VerdictKind.declined)
-        self.assertIsNone(self.successResultOf(stash.read("/items/2")))
-
     def test_rootReplacedByFileIs503(self) -> None:
         """
         When the root is no longer a directory, the verdict is a 503.
@@ -279,3 +258,42 @@ class HTTPStashTests(SynchronousTestCase):
         self.downstream.mode = None
         self.successResultOf(self.stash.rollback(uow(1)))
         self.assertEqual(self.downstream.documents, {})
+
+
+class PartTests(SynchronousTestCase):
+    """
+    A stash with part: NAME gets only that multipart part.
+    """
+
+    def test_partOnly(self) -> None:
+        """
+        Only the named part reaches the stash, with its own content type; a
+        request without it is declined and reaches nothing; a malformed
+        multipart body is a 400.
+        """
+        from twisted.internet.task import Clock
+
+        from apicontainer.worker import StashWorker
+
+        stash = MemoryStash("images")
+        worker = StashWorker(stash, Clock(), part="image")
+        boundary = "XyZ"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"doc\"\r\n\r\n{{}}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\nPNGDATA\r\n--{boundary}--\r\n"
+        ).encode()
+        ctype = f"multipart/form-data; boundary={boundary}"
+        verdict = self.successResultOf(Deferred.fromCoroutine(worker.call(uow(1, body=body, contentType=ctype))))
+        self.assertEqual(verdict.kind, VerdictKind.stored)
+        document = self.successResultOf(stash.read("/items/1"))
+        self.assertEqual((document.body, document.contentType), (b"PNGDATA", "image/png"))
+        declined = self.successResultOf(
+            Deferred.fromCoroutine(worker.call(uow(2, "/items/2", b"{}", contentType="application/json")))
+        )
+        self.assertEqual(declined.kind, VerdictKind.declined)
+        self.assertEqual([call for call in stash.calls if call[1] == 2], [])
+        malformed = self.successResultOf(
+            Deferred.fromCoroutine(worker.call(uow(3, "/items/3", b"junk", contentType=ctype)))
+        )
+        self.assertEqual((malformed.kind, malformed.status), (VerdictKind.failed, 400))

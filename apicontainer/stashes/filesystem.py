@@ -37,7 +37,6 @@ from ..blocking import Blocking
 from ..config import StashSpec
 from ..durable import fsyncDirectory, makeDirectories, removeDurably, writeAtomically
 from ..interfaces import IReader, IStartable, IStash
-from ..multipart import MultipartError
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 
@@ -61,16 +60,13 @@ class FilesystemStash:
     """
     Documents as files under a root directory.
 
-    @ivar part: When set, only the C{multipart/form-data} part of this name is
-        stored, and requests without it are declined.
     """
 
     log = Logger()
 
-    def __init__(self, name: str, root: Path, blocking: Blocking, part: str | None = None) -> None:
+    def __init__(self, name: str, root: Path, blocking: Blocking) -> None:
         self.name = name
         self.root = root
-        self.part = part
         self._blocking = blocking
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
@@ -79,11 +75,10 @@ class FilesystemStash:
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
         """
         Build the stash from its options: C{root} (relative to the data
-        directory) and C{part}.
+        directory).
         """
         root = spec.options.string("root")
-        part = spec.options.string("part", None)
-        return cls(spec.name, context.path(root), context.blocking, part)
+        return cls(spec.name, context.path(root), context.blocking)
 
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)
@@ -129,16 +124,6 @@ class FilesystemStash:
             return 0
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        body, contentType = uow.body, uow.contentType
-        if self.part is not None and not uow.isDelete:
-            try:
-                part = uow.part(self.part)
-            except MultipartError as e:
-                return succeed(Verdict.failed(400, str(e)))
-            if part is None:
-                return succeed(Verdict.declined(f"no part named {self.part!r}"))
-            body, contentType = part.body, part.contentType
-
         def failed(reason):  # type: ignore[no-untyped-def]
             reason.trap(OSError)
             self.log.warn(
@@ -149,7 +134,7 @@ class FilesystemStash:
             )
             return Verdict.failed(503, f"filesystem: {reason.value}")
 
-        return self._blocking(self._stash, uow, body, contentType).addErrback(failed)
+        return self._blocking(self._stash, uow, uow.body, uow.contentType).addErrback(failed)
 
     def _stash(self, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
