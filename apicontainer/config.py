@@ -182,6 +182,13 @@ class Limits:
     maxInFlight: int = 1024
     requestTimeout: float = 60.0
     shutdownGrace: float = 30.0
+    headerTimeout: float = 10.0
+    bodyTimeout: float = 60.0
+    maxHeaders: int = 100
+    maxHeaderBytes: int = 16384
+    maxConnections: int = 1024
+    maxConnectionsPerPeer: int = 256
+    minFreeBytes: int = 16 * 1024 * 1024
 
 
 @frozen
@@ -227,6 +234,7 @@ class Config:
     stashes: dict[str, StashSpec]
     routes: tuple[RouteSpec, ...]
     idempotencyRetention: float = 86400.0
+    adminTokensFile: Path | None = None
 
 
 def _endpoint(section: Section, key: str, default: str) -> str:
@@ -271,6 +279,7 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     dataDir = Path(top.string("data_dir", "./var"))
     auth = top.section("auth")
     tokensFile = auth.string("tokens_file", None)
+    adminTokensFile = auth.string("admin_tokens_file", None)
     auth.rejectUnknown()
 
     limitsSection = top.section("limits")
@@ -280,6 +289,15 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         maxInFlight=limitsSection.integer("max_in_flight", defaults.maxInFlight, minimum=1),
         requestTimeout=limitsSection.number("request_timeout_s", defaults.requestTimeout),
         shutdownGrace=limitsSection.number("shutdown_grace_s", defaults.shutdownGrace),
+        headerTimeout=limitsSection.number("header_timeout_s", defaults.headerTimeout),
+        bodyTimeout=limitsSection.number("body_timeout_s", defaults.bodyTimeout),
+        maxHeaders=limitsSection.integer("max_headers", defaults.maxHeaders, minimum=1),
+        maxHeaderBytes=limitsSection.integer("max_header_bytes", defaults.maxHeaderBytes, minimum=256),
+        maxConnections=limitsSection.integer("max_connections", defaults.maxConnections, minimum=1),
+        maxConnectionsPerPeer=limitsSection.integer(
+            "max_connections_per_peer", defaults.maxConnectionsPerPeer, minimum=1
+        ),
+        minFreeBytes=limitsSection.integer("min_free_bytes", defaults.minFreeBytes),
     )
     limitsSection.rejectUnknown()
 
@@ -313,6 +331,7 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         adminListen=adminListen,
         dataDir=dataDir,
         tokensFile=Path(tokensFile) if tokensFile else None,
+        adminTokensFile=Path(adminTokensFile) if adminTokensFile else None,
         limits=limits,
         failqueueBackend=backend,
         retry=retry,

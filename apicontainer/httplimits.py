@@ -1,5 +1,7 @@
 """
-Limits enforced while a request streams in, before any handler runs.
+Limits enforced while a request streams in, before any handler runs: body
+size, header and body deadlines, header count and size, and connections in
+total and per peer.
 """
 
 from __future__ import annotations
@@ -7,7 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from twisted.web.server import Request
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
 
 
 def rawResponse(status: int, reason: str, body: dict[str, Any], extra: str = "") -> bytes:
@@ -85,3 +90,138 @@ def limitedRequestFactory(maxBodyBytes: int) -> Callable[..., LimitedRequest]:
     C{maxBodyBytes}.
     """
     return type("LimitedRequest", (LimitedRequest,), {"maxBodyBytes": maxBodyBytes})
+
+
+class LimitedChannel(HTTPChannel):
+    """
+    An HTTP channel that gives each request a deadline for its headers and
+    one for its body: a client that sends them too slowly (slowloris) gets a
+    408 and is disconnected, and holds no resources past the deadline.
+    Header count and size are capped by C{maxHeaders} and
+    C{totalHeadersSize}.
+    """
+
+    headerTimeout = 10.0
+    bodyTimeout = 60.0
+    _deadline: IDelayedCall | None = None
+    _inRequest = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._inRequest and data.strip(b"\r\n"):
+            self._inRequest = True
+            self._arm(self.headerTimeout, "headers")
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._arm(self.bodyTimeout, "body")
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        self._inRequest = False
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._disarm()
+        site = getattr(self, "site", None)
+        if isinstance(site, LimitedSite):
+            site.released(self)
+        super().connectionLost(reason)
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._deadline = self.callLater(seconds, lambda: self._expired(what, seconds))
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self, what: str, seconds: float) -> None:
+        self._deadline = None
+        if self.transport is None:
+            return
+        self.transport.write(
+            rawResponse(
+                408,
+                "Request Timeout",
+                {"error": "timeout", "message": f"the request {what} took longer than {seconds:g}s"},
+            )
+        )
+        self.transport.loseConnection()
+
+
+class _Refusal(Protocol):
+    """
+    Answers 503 and hangs up: the connection cap is reached.
+    """
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            rawResponse(503, "Service Unavailable", {"error": "busy", "message": self._message}, "Retry-After: 1\r\n")
+        )
+        self.transport.loseConnection()
+
+
+class LimitedSite(Site):
+    """
+    A site that caps connections, in total and per peer address, and whose
+    channels are L{LimitedChannel}s.
+    """
+
+    protocol = LimitedChannel  # type: ignore[assignment]
+    maxConnections = 1024
+    maxConnectionsPerPeer = 64
+
+    def __init__(self, resource: Any, limits: Any, **kwargs: Any) -> None:
+        """
+        @param limits: A L{apicontainer.config.Limits}.
+        """
+        super().__init__(resource, requestFactory=limitedRequestFactory(limits.maxBodyBytes), **kwargs)
+        self.displayTracebacks = False
+        self.maxConnections = limits.maxConnections
+        self.maxConnectionsPerPeer = limits.maxConnectionsPerPeer
+        self.protocol = type(  # type: ignore[assignment]
+            "LimitedChannel",
+            (LimitedChannel,),
+            {
+                "headerTimeout": limits.headerTimeout,
+                "bodyTimeout": limits.bodyTimeout,
+                "maxHeaders": limits.maxHeaders,
+                "totalHeadersSize": limits.maxHeaderBytes,
+            },
+        )
+        self._open: dict[str, int] = {}
+        self._total = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        peer = getattr(addr, "host", str(addr))
+        if self._total >= self.maxConnections:
+            return _Refusal(f"limits.max_connections ({self.maxConnections}) connections are open")
+        if self._open.get(peer, 0) >= self.maxConnectionsPerPeer:
+            return _Refusal(
+                f"limits.max_connections_per_peer ({self.maxConnectionsPerPeer}) connections are open from {peer}"
+            )
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            self._total += 1
+            self._open[peer] = self._open.get(peer, 0) + 1
+            channel._peerKey = peer
+        return channel
+
+    def released(self, channel: Any) -> None:
+        """
+        A channel built here closed.
+        """
+        peer = getattr(channel, "_peerKey", None)
+        if peer is None:
+            return
+        channel._peerKey = None
+        self._total -= 1
+        self._open[peer] -= 1
+        if not self._open[peer]:
+            del self._open[peer]

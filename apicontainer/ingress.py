@@ -119,6 +119,15 @@ class Ingress:
                 "too_large",
                 f"the body exceeds limits.max_body_bytes ({self._limits.maxBodyBytes} bytes)",
             )
+        if not self._container.spool.hasRoom(len(body) + 4096, self._limits.minFreeBytes):
+            return errorResponse(
+                request,
+                503,
+                "disk_full",
+                f"less than limits.min_free_bytes ({self._limits.minFreeBytes}) would be left"
+                " on the spool's disk",
+                retry_after="5",
+            )
         if self.inFlight >= self._limits.maxInFlight:
             return errorResponse(
                 request,

@@ -13,13 +13,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
 
 from .admin import AdminAPI
 from .auth import BearerTokens
 from .blocking import Blocking, inThreadPool
 from .container import Container
-from .httplimits import limitedRequestFactory
+from .httplimits import LimitedSite
 from .ingress import Ingress
 
 
@@ -66,11 +65,13 @@ class ContainerService(Service):
         container: Container,
         pools: SerialPools,
         tokens: BearerTokens | None,
+        adminTokens: BearerTokens | None = None,
     ) -> None:
         self._reactor = reactor
         self._container = container
         self._pools = pools
         self._tokens = tokens
+        self._adminTokens = adminTokens
         self._ports: list[IListeningPort] = []
         self.ingress: Ingress | None = None
         self.started: Deferred[None] | None = None
@@ -85,10 +86,12 @@ class ContainerService(Service):
         try:
             await self._container.start()
             self.ingress = Ingress(self._container, config.limits, self._reactor, self._tokens)
-            site = Site(self.ingress.resource(), requestFactory=limitedRequestFactory(config.limits.maxBodyBytes))
-            site.displayTracebacks = False
-            admin = Site(AdminAPI(self._container, self._tokens).app.resource())
-            admin.displayTracebacks = False
+            site = LimitedSite(self.ingress.resource(), config.limits, reactor=self._reactor)
+            admin = LimitedSite(
+                AdminAPI(self._container, self._adminTokens).app.resource(),
+                config.limits,
+                reactor=self._reactor,
+            )
             for description, factory in ((config.listen, site), (config.adminListen, admin)):
                 port = await serverFromString(self._reactor, description).listen(factory)
                 self._ports.append(port)

@@ -141,6 +141,17 @@ class Spool:
         makeDirectories(self.directory)
         makeDirectories(self.quarantineDirectory)
 
+    def hasRoom(self, size: int, reserve: int) -> bool:
+        """
+        Whether the spool's file system has C{size} bytes free beyond
+        C{reserve} (one statvfs; cheap enough for the reactor thread).
+        """
+        try:
+            stats = os.statvfs(self.directory)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize >= size + reserve
+
     def path(self, uowId: int) -> Path:
         """
         The spool file of UOW C{uowId}.

@@ -56,6 +56,9 @@ def makeService(options: Options) -> IService:
     try:
         config = loadConfig(path)
         tokens = BearerTokens.fromFile(config.tokensFile) if config.tokensFile else None
+        adminTokens = (
+            BearerTokens.fromFile(config.adminTokensFile) if config.adminTokensFile else tokens
+        )
         pools = SerialPools(reactor)
         context = StashContext(
             clock=reactor,
@@ -73,5 +76,5 @@ def makeService(options: Options) -> IService:
     except (OSError, ValueError) as e:
         _refuse(f"cannot open the data directory {config.dataDir}: {e}")
     root = MultiService()
-    ContainerService(reactor, container, pools, tokens).setServiceParent(root)
+    ContainerService(reactor, container, pools, tokens, adminTokens).setServiceParent(root)
     return root

@@ -45,6 +45,7 @@ class RunningServer:
         )
         self.log = directory / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.adminHeaders: dict[str, str] = {}
 
     def start(self, env: dict[str, str] | None = None) -> None:
         """
@@ -66,7 +67,7 @@ class RunningServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if self.admin("GET", "/_health")[0] == 200:
+                if self.admin("GET", "/_health")[0] in (200, 401):
                     return
             except OSError:
                 time.sleep(0.1)
@@ -103,7 +104,7 @@ class RunningServer:
         """
         A blocking request to the admin API; the JSON body decoded.
         """
-        status, _, body = self._call(self.adminPort, method, path, None, {})
+        status, _, body = self._call(self.adminPort, method, path, None, self.adminHeaders)
         return status, json.loads(body)
 
 
