@@ -54,6 +54,26 @@ def writeAtomically(path: Path, chunks: Iterable[bytes], syncDirectory: bool = T
         fsyncDirectory(path.parent)
 
 
+def removeTemporaries(directory: Path) -> int:
+    """
+    Remove the temporary files that writes cut short by a crash left in
+    C{directory} (blocking; at start-up): none of them was ever renamed into
+    place, so none holds anything acknowledged.
+
+    @return: How many were removed.
+    """
+    removed = 0
+    for path in directory.glob(".tmp-*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
+    if removed:
+        fsyncDirectory(directory)
+    return removed
+
+
 def removeDurably(path: Path) -> bool:
     """
     Remove C{path} and make the removal durable.

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from .blocking import Blocking
-from .durable import makeDirectories, removeDurably, writeAtomically
+from .durable import makeDirectories, removeDurably, removeTemporaries, writeAtomically
 from .interfaces import IFailQueue
 from .spool import fileName
 from .uow import Outcome, Report
@@ -167,6 +167,7 @@ class FileFailQueue:
             named in the log by the caller.
         """
         makeDirectories(self.directory)
+        removeTemporaries(self.directory)
         unreadable = []
         for path in sorted(self.directory.glob("*.json")):
             try:

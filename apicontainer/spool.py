@@ -28,7 +28,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .blocking import Blocking
-from .durable import fsyncDirectory, makeDirectories, removeDurably, writeAtomically
+from .durable import (
+    fsyncDirectory,
+    makeDirectories,
+    removeDurably,
+    removeTemporaries,
+    writeAtomically,
+)
 from .uow import UnitOfWork
 
 MAGIC = b"ACSPOOL1"
@@ -140,6 +146,7 @@ class Spool:
         """
         makeDirectories(self.directory)
         makeDirectories(self.quarantineDirectory)
+        removeTemporaries(self.directory)
 
     def hasRoom(self, size: int, reserve: int) -> bool:
         """

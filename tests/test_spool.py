@@ -262,3 +262,22 @@ class FailQueueTests(SynchronousTestCase):
         from apicontainer.interfaces import IFailQueue
 
         self.assertTrue(verifyObject(IFailQueue, self.queue))
+
+
+class TemporaryLeftoverTests(SynchronousTestCase):
+    """
+    Temporary files of writes a crash cut short are removed at start.
+    """
+
+    def test_spoolOpenRemovesTemporaries(self) -> None:
+        """
+        A torn temporary spool file is removed when the spool opens; real
+        spool files stay.
+        """
+        base = Path(self.mktemp())
+        spool = Spool(base / "spool", base / "quarantine", inline)
+        spool.open()
+        self.successResultOf(spool.write(sample(1)))
+        (base / "spool" / ".tmp-00000000000000000002.uow").write_bytes(b"ACSPO")
+        Spool(base / "spool", base / "quarantine", inline).open()
+        self.assertEqual(os.listdir(base / "spool"), ["00000000000000000001.uow"])

@@ -297,3 +297,47 @@ class PartTests(SynchronousTestCase):
             Deferred.fromCoroutine(worker.call(uow(3, "/items/3", b"junk", contentType=ctype)))
         )
         self.assertEqual((malformed.kind, malformed.status), (VerdictKind.failed, 400))
+
+
+class CrashMidWriteTests(SynchronousTestCase):
+    """
+    A crash between a stash's durable undo record and its write must not
+    make a replay answer stored without the write.
+    """
+
+    def test_filesystemCompletesTheWrite(self) -> None:
+        """
+        The filesystem stash, killed after its undo record and before the
+        pointer swap, completes the write when the UOW is replayed.
+        """
+        stash = FilesystemStash("files", Path(self.mktemp()), inline)
+        self.successResultOf(stash.start())
+        real = stash._point
+        stash._point = lambda pointer, target: (_ for _ in ()).throw(OSError("killed"))  # type: ignore[method-assign]
+        self.successResultOf(stash.stash(uow(1, body=b"one")))
+        self.flushLoggedErrors()
+        stash._point = real  # type: ignore[method-assign]
+        self.assertIsNone(self.successResultOf(stash.read("/items/1")))
+        verdict = self.successResultOf(stash.stash(uow(1, body=b"one")))
+        self.assertEqual(verdict.kind, VerdictKind.stored)
+        self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"one")
+
+    def test_httpForwardsAgain(self) -> None:
+        """
+        The http stash, stopped after recording its before-image and before
+        the forward, forwards when the UOW is replayed.
+        """
+        from treq.testing import StubTreq
+
+        from .downstream import Downstream
+
+        downstream = Downstream()
+        stash = HTTPStash("api", "http://d.test", Path(self.mktemp()) / "u.sqlite3", inline, http=StubTreq(downstream))
+        self.successResultOf(stash.start())
+        self.addCleanup(stash.stop)
+        downstream.mode = "drop"
+        self.successResultOf(stash.stash(uow(1, body=b"one")))
+        self.flushLoggedErrors()
+        downstream.mode = None
+        self.assertEqual(self.successResultOf(stash.stash(uow(1, body=b"one"))).kind, VerdictKind.stored)
+        self.assertEqual(downstream.documents[b"/items/1"][0], b"one")

@@ -35,7 +35,13 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..durable import fsyncDirectory, makeDirectories, removeDurably, writeAtomically
+from ..durable import (
+    fsyncDirectory,
+    makeDirectories,
+    removeDurably,
+    removeTemporaries,
+    writeAtomically,
+)
 from ..interfaces import IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
@@ -86,6 +92,8 @@ class FilesystemStash:
     def _open(self) -> None:
         makeDirectories(self._undo)
         makeDirectories(self._rolledBack)
+        removeTemporaries(self._undo)
+        removeTemporaries(self._rolledBack)
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
@@ -139,28 +147,26 @@ class FilesystemStash:
     def _stash(self, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
             return Verdict.declined("rolled back before it arrived")
-        if self._undoPath(uow.id).exists():
-            return Verdict.stored(detail="already stored")
         pointer = self._pointer(uow.key)
         current = self._current(pointer)
+        undo = self._readUndo(uow.id)
+        if undo is not None:
+            if current is not None and current[0] == undo["target"]:
+                return Verdict.stored(detail="already stored")
+            if current is None or current[1] < uow.id:
+                # A crash came between recording the undo and swapping the
+                # pointer: finish the write.
+                self._writeVersion(pointer, undo["target"], body, contentType)
+                self._point(pointer, undo["target"])
+                return Verdict.stored(detail="completed after a crash")
+            return Verdict.stored(detail="already stored")
         if current is not None and current[1] >= uow.id:
             if current[1] == uow.id:
                 return Verdict.stored(detail="already stored")
             return Verdict.declined(f"superseded by UOW {current[1]}")
-        makeDirectories(pointer.parent)
         stem = pointer.name[: -len(".doc")]
-        if uow.isDelete:
-            target = f"{stem}.d{uow.id}"
-        else:
-            target = f"{stem}.v{uow.id}"
-            writeAtomically(pointer.with_name(target), [body], syncDirectory=False)
-            if contentType:
-                writeAtomically(
-                    pointer.with_name(target + ".type"),
-                    [contentType.encode("utf-8")],
-                    syncDirectory=False,
-                )
-            fsyncDirectory(pointer.parent)
+        target = f"{stem}.{'d' if uow.isDelete else 'v'}{uow.id}"
+        self._writeVersion(pointer, target, body, contentType)
         makeDirectories(self._undo)  # brings the stash back after its root was restored
         undo = {
             "key": uow.key,
@@ -171,6 +177,21 @@ class FilesystemStash:
         writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()])
         self._point(pointer, target)
         return Verdict.stored(status=200)
+
+    def _writeVersion(self, pointer: Path, target: str, body: bytes, contentType: str | None) -> None:
+        """
+        Write the version file C{target} (nothing for a deletion's C{.d}
+        target) beside C{pointer}, durably.
+        """
+        makeDirectories(pointer.parent)
+        if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
+            return
+        writeAtomically(pointer.with_name(target), [body], syncDirectory=False)
+        if contentType:
+            writeAtomically(
+                pointer.with_name(target + ".type"), [contentType.encode("utf-8")], syncDirectory=False
+            )
+        fsyncDirectory(pointer.parent)
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """

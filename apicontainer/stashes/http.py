@@ -162,12 +162,17 @@ class HTTPStash:
 
     async def _stash(self, uow: UnitOfWork) -> Verdict:
         undo = await self._query("SELECT attempt, state FROM undo WHERE uow = ?", uow.id)
+        newest = await self._query("SELECT uow FROM keys WHERE key = ?", uow.key)
         if undo is not None:
             if undo[1] == PREPARED:
+                if newest is not None and newest[0] == uow.id:
+                    # The before-image is recorded, but a crash may have
+                    # come before the forward: forward again (the same
+                    # Idempotency-Key goes with it).
+                    return await self._forward(uow)
                 return Verdict.stored(detail="already stored")
             if undo[0] >= uow.attempt:
                 return Verdict.declined("rolled back before it arrived")
-        newest = await self._query("SELECT uow FROM keys WHERE key = ?", uow.key)
         if newest is not None and newest[0] >= uow.id:
             if newest[0] == uow.id:
                 return Verdict.stored(detail="already stored")
@@ -202,6 +207,9 @@ class HTTPStash:
                 (uow.key, uow.id),
             ),
         )
+        return await self._forward(uow)
+
+    async def _forward(self, uow: UnitOfWork) -> Verdict:
         try:
             response = await self._request(
                 uow.method,
