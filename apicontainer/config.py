@@ -267,8 +267,14 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e)
+        if mark is not None:
+            where = f"{source}:{mark.line + 1}"
+        elif isinstance(getattr(e, "position", None), int):
+            where = f"{source}:{text.count(chr(10), 0, e.position) + 1}"  # type: ignore[attr-defined]
+        else:
+            where = source
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+        problem = " ".join(str(problem).split())
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if node is None:
         raise ConfigError(f"{source}:1: the configuration is empty")
