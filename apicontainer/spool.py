@@ -112,8 +112,10 @@ def decode(data: bytes) -> UnitOfWork:
         raise CorruptSpoolFile("checksum mismatch")
     try:
         metadata = json.loads(data[fixed : fixed + metadataLength])
+        uowId = int(metadata["uow"])
         return UnitOfWork(
-            id=int(metadata["uow"]),
+            id=uowId,
+            attempt=uowId,
             method=str(metadata["method"]),
             key=str(metadata["key"]),
             route=str(metadata["route"]),

@@ -31,6 +31,7 @@ def sample(uowId: int = 7, body: bytes = b'{"a": 1}') -> UnitOfWork:
         contentType="application/json",
         receivedAt=1234.5,
         idempotencyKey="k-1",
+        attempt=uowId,
     )
 
 
