@@ -16,8 +16,9 @@ class Downstream(Resource):
     GET/PUT/POST/DELETE documents by path, in memory.
 
     @ivar mode: C{None} (normal), an int (answer every write with that
-        status), C{"hang"} (never answer writes) or C{"drop"} (close the
-        connection on writes).
+        status), C{"hang"} (never answer writes), C{"drop"} (close the
+        connection on writes) or C{"late"} (apply and answer writes after
+        C{lateBy} seconds, on C{clock}).
     @ivar requests: Every request, as C{(method, path, Idempotency-Key)}.
     """
 
@@ -28,6 +29,8 @@ class Downstream(Resource):
         self.documents: dict[bytes, tuple[bytes, bytes | None]] = {}
         self.mode: Any = None
         self.requests: list[tuple[bytes, bytes, bytes | None]] = []
+        self.lateBy = 1.0
+        self.clock: Any = None
 
     def render(self, request: Any) -> Any:
         method, path = request.method, request.path
@@ -44,6 +47,17 @@ class Downstream(Resource):
             return NOT_DONE_YET
         if self.mode == "drop":
             request.channel.transport.abortConnection()
+            return NOT_DONE_YET
+        if self.mode == "late":
+            body, contentType = request.content.read(), request.getHeader(b"content-type")
+
+            def late() -> None:
+                self.documents[path] = (body, contentType)
+                if not request._disconnected:
+                    request.write(b"ok")
+                    request.finish()
+
+            self.clock.callLater(self.lateBy, late)
             return NOT_DONE_YET
         if isinstance(self.mode, int):
             request.setResponseCode(self.mode)

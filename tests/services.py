@@ -92,6 +92,14 @@ class ThrowawayPostgres:
         )
         _wait("127.0.0.1", self.port, True)
 
+    def pids(self) -> list[int]:
+        """
+        The postmaster and all its children (the backends).
+        """
+        postmaster = int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
     def stop(self) -> None:
         self._as("pg_ctl", "-D", str(self.directory / "data"), "-m", "immediate", "-w", "stop")
         _wait("127.0.0.1", self.port, False)

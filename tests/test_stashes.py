@@ -341,3 +341,49 @@ class CrashMidWriteTests(SynchronousTestCase):
         downstream.mode = None
         self.assertEqual(self.successResultOf(stash.stash(uow(1, body=b"one"))).kind, VerdictKind.stored)
         self.assertEqual(downstream.documents[b"/items/1"][0], b"one")
+
+
+class FileFaultTests(SynchronousTestCase):
+    """
+    Write and fsync errors in the filesystem stash: a 503 verdict, and the
+    document as it was.
+    """
+
+    def test_ioErrorsChangeNothing(self) -> None:
+        """
+        EIO from fsync and ENOSPC from write, each at every durable step of a
+        write, give a 503 verdict; the previous version stays readable and a
+        later write works.
+        """
+        import errno
+        from unittest import mock
+
+        from apicontainer import durable
+
+        stash = FilesystemStash("files", Path(self.mktemp()), inline)
+        self.successResultOf(stash.start())
+        self.successResultOf(stash.stash(uow(1, body=b"one")))
+        self.successResultOf(stash.commit(uow(1, body=b"one")))
+        nextId = 2
+        for target, code in (("fsync", errno.EIO), ("write", errno.ENOSPC)):
+            for failAt in range(1, 6):
+                calls = {"n": 0}
+                real = getattr(durable.os, target)
+
+                def failing(*args, real=real, failAt=failAt, code=code, calls=calls):  # type: ignore[no-untyped-def]
+                    calls["n"] += 1
+                    if calls["n"] == failAt:
+                        raise OSError(code, os.strerror(code))
+                    return real(*args)
+
+                with mock.patch.object(durable.os, target, failing):
+                    verdict = self.successResultOf(stash.stash(uow(nextId, body=b"bad")))
+                if verdict.kind is VerdictKind.failed:
+                    self.assertEqual(verdict.status, 503)
+                    self.successResultOf(stash.rollback(uow(nextId, body=b"bad")))
+                    self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"one", (target, failAt))
+                else:
+                    self.successResultOf(stash.rollback(uow(nextId, body=b"bad")))
+                nextId += 1
+        self.assertEqual(self.successResultOf(stash.stash(uow(nextId, body=b"two"))).kind, VerdictKind.stored)
+        self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"two")

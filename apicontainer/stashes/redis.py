@@ -166,8 +166,17 @@ class RedisStash:
         return cls(spec.name, url, prefix, poolSize=min(spec.concurrency, 16), timeout=spec.timeout)
 
     def start(self) -> Deferred[None]:
+        self._connect()
+        return succeed(None)
+
+    def _connect(self) -> None:
         import txredisapi
 
+        options = dict(self._connection)
+        if not options["dbid"]:
+            # Database 0 is the default: no SELECT, which txredisapi treats
+            # as fatal (it stops reconnecting) if Redis does not answer it.
+            options["dbid"] = None
         self._redis = txredisapi.lazyConnectionPool(
             poolsize=self._poolSize,
             reconnect=True,
@@ -175,9 +184,22 @@ class RedisStash:
             connectTimeout=self._timeout,
             replyTimeout=self._timeout,
             convertNumbers=False,
-            **self._connection,
+            **options,
         )
-        return succeed(None)
+
+    def _client(self) -> Any:
+        """
+        The connection pool; a new one if the current one gave up.
+
+        txredisapi stops reconnecting for good when AUTH or SELECT fails or
+        times out while connecting (a paused or overloaded Redis); a stash
+        must come back when Redis does.
+        """
+        factory = getattr(self._redis, "_factory", None)
+        if factory is not None and factory.stopped:
+            self.log.warn("stash {stash}: the Redis pool stopped reconnecting; opening a new one", stash=self.name)
+            self._connect()
+        return self._redis
 
     def stop(self) -> Deferred[None]:
         if self._redis is None:
@@ -216,14 +238,14 @@ class RedisStash:
             )
             return Verdict.failed(503, f"redis: {type(reason.value).__name__}")
 
-        return self._redis.eval(STASH, self._keys(uow), arguments).addCallbacks(verdict, failed)  # type: ignore[no-any-return]
+        return self._client().eval(STASH, self._keys(uow), arguments).addCallbacks(verdict, failed)  # type: ignore[no-any-return]
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
         arguments = [str(uow.id), str(uow.attempt), uow.key, self.prefix]
-        return self._redis.eval(ROLLBACK, self._keys(uow), arguments).addCallback(lambda _: None)  # type: ignore[no-any-return]
+        return self._client().eval(ROLLBACK, self._keys(uow), arguments).addCallback(lambda _: None)  # type: ignore[no-any-return]
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._redis.eval(COMMIT, self._keys(uow), [str(uow.id)]).addCallback(lambda _: None)  # type: ignore[no-any-return]
+        return self._client().eval(COMMIT, self._keys(uow), [str(uow.id)]).addCallback(lambda _: None)  # type: ignore[no-any-return]
 
     def read(self, key: str) -> Deferred[Document | None]:
         def document(fields: list[bytes | None]) -> Document | None:
@@ -232,4 +254,4 @@ class RedisStash:
                 return None
             return Document(body, contentType.decode() if contentType is not None else None, int(uow))
 
-        return self._redis.hmget(f"{self.prefix}doc:{key}", ["uow", "body", "ctype", "deleted"]).addCallback(document)  # type: ignore[no-any-return]
+        return self._client().hmget(f"{self.prefix}doc:{key}", ["uow", "body", "ctype", "deleted"]).addCallback(document)  # type: ignore[no-any-return]
