@@ -211,7 +211,7 @@ def test_defaultConfigWithoutFlag(tmp_path: Path) -> None:
     process = subprocess.Popen([*TWIST, "apicontainer"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = RunningServer.__new__(RunningServer)
-        client.adminPort, client.port = 8081, 8080
+        client.adminPort, client.port, client.adminHeaders = 8081, 8080, {}
         deadline = time.monotonic() + 30
         while True:
             try:

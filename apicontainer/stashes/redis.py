@@ -186,6 +186,14 @@ class RedisStash:
             convertNumbers=False,
             **options,
         )
+        connected = getattr(self._redis, "_connected", None)
+        if isinstance(connected, Deferred):
+            connected.addErrback(self._notConnected)
+
+    def _notConnected(self, reason: Any) -> None:
+        self.log.warn(
+            "stash {stash} could not connect to Redis: {error}", stash=self.name, error=str(reason.value)
+        )
 
     def _client(self) -> Any:
         """
