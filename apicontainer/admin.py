@@ -4,15 +4,21 @@ The admin API, on its own endpoint: health, UOW states and the fail queue.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from twisted.internet.defer import DeferredList, maybeDeferred
+
 from .auth import BearerTokens
+from .config import ConfigError
+from .interfaces import IProbe
+from .openapi import describe
 from .container import Container
 from .failqueue import FailedState
 from .records import UOWState
@@ -30,12 +36,21 @@ class AdminAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, container: Container, tokens: BearerTokens | None = None) -> None:
+    def __init__(
+        self,
+        container: Container,
+        tokens: BearerTokens | None = None,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
+        """
+        @param reload: Reloads the configuration (C{POST /_reload}).
+        """
         self._container = container
-        self._tokens = tokens
+        self.tokens = tokens
+        self._reload = reload
 
     def _unauthorized(self, request: IRequest) -> bytes | None:
-        if self._tokens is None or self._tokens.accepts(request.getHeader(b"authorization")):
+        if self.tokens is None or self.tokens.accepts(request.getHeader(b"authorization")):
             return None
         return errorResponse(
             request,
@@ -71,6 +86,74 @@ class AdminAPI:
                 "failed": counts,
             },
         )
+
+    @app.route("/_ready", methods=["GET"])
+    async def ready(self, request: IRequest) -> bytes:
+        """
+        Ready to take traffic: recovery is done and every stash that can be
+        probed answers within its timeout; 503 with the reasons otherwise.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        container = self._container
+        reasons = [] if container.recovered else ["recovery has not finished"]
+        names, probes = [], []
+        for name, stash in container.stashes.items():
+            if IProbe.providedBy(stash):
+                names.append(name)
+                probes.append(
+                    maybeDeferred(stash.probe).addTimeout(container.workers[name].timeout, container.clock)
+                )
+        for name, (ok, result) in zip(names, await DeferredList(probes, consumeErrors=True)):
+            if not ok:
+                reasons.append(f"stash {name} is unreachable: {result.getErrorMessage() or result.type.__name__}")
+        if reasons:
+            return jsonResponse(request, 503, {"ready": False, "reasons": reasons}, retry_after="5")
+        return jsonResponse(request, 200, {"ready": True, "reasons": []})
+
+    @app.route("/_reload", methods=["POST"])
+    async def reload(self, request: IRequest) -> bytes:
+        """
+        Load the configuration file again and switch to it between UOWs; a
+        wrong one is refused (400, with the reason) and the running one stays.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        if self._reload is None:
+            return errorResponse(request, 404, "no_route", "this server cannot reload")
+        try:
+            changes = await self._reload()
+        except ConfigError as e:
+            return errorResponse(request, 400, "bad_config", str(e))
+        return jsonResponse(request, 200, changes)
+
+    @app.route("/_openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """
+        The OpenAPI 3.1 document of the running configuration.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        container = self._container
+        return jsonResponse(
+            request,
+            200,
+            describe(container.config, container.ingressSecured, self.tokens is not None),
+        )
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        """
+        The Prometheus metrics, in the text exposition format.
+        """
+        refusal = self._unauthorized(request)
+        if refusal:
+            return refusal
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._container.metrics.exposition()
 
     @app.route("/_uow/<int:uowId>", methods=["GET"])
     async def uow(self, request: IRequest, uowId: int) -> bytes:

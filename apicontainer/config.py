@@ -79,6 +79,12 @@ class Section:
     def __contains__(self, key: str) -> bool:
         return key in self._nodes
 
+    def values(self) -> dict[str, Any]:
+        """
+        Every key and its value, as YAML gives them (nothing is checked).
+        """
+        return {key: _construct(value) for key, (_, value) in self._nodes.items()}
+
     def keys(self) -> list[str]:
         """
         The keys, in file order.

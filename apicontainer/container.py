@@ -16,12 +16,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .blocking import Blocking
-from .config import Config, ConfigError
+from .config import Config, ConfigError, StashSpec
 from .failqueue import FileFailQueue
-from .fanout import Fanout
+from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
 from .interfaces import IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
+from .metrics import Metrics
 from .records import UOWRecords
 from .recovery import recover
 from .retry import RetryEngine
@@ -34,16 +35,26 @@ from .uowids import UOWIds
 from .worker import StashWorker
 
 
-def buildStashes(config: Config, context: StashContext) -> dict[str, IStash]:
+def buildStashes(
+    config: Config,
+    context: StashContext,
+    reuse: Callable[[str, StashSpec], IStash | None] = lambda name, spec: None,
+) -> dict[str, IStash]:
     """
     Build every configured stash, in configuration order, and check that
     each route's C{read} names readers.
 
+    @param reuse: Gives a stash already running for a name and spec, if it
+        can serve as it is (a reload).
     @raise ConfigError: A stash's options are wrong, or a read component
         cannot read.
     """
     stashes: dict[str, IStash] = {}
     for name, spec in config.stashes.items():
+        kept = reuse(name, spec)
+        if kept is not None:
+            stashes[name] = kept
+            continue
         stash = stashFactory(spec.type)(spec, context)
         if spec.options is not None:
             spec.options.rejectUnknown()
@@ -100,8 +111,9 @@ class Container:
         self.states = StateStore(dataDir / "state.sqlite3", serial or blocking)
         self.idempotency = IdempotencyIndex(self.states, self.failQueue)
         self.records = UOWRecords()
+        self.metrics = Metrics()
         self.workers = {
-            name: StashWorker(stash, clock, spec.concurrency, spec.timeout, spec.part)
+            name: StashWorker(stash, clock, spec.concurrency, spec.timeout, spec.part, self.metrics)
             for (name, spec), stash in zip(config.stashes.items(), stashes.values())
         }
         self.routes = {
@@ -116,6 +128,7 @@ class Container:
         self.retries: RetryEngine | None = None
         self.recovered = False
         self.startFailures: dict[str, str] = {}
+        self.ingressSecured = config.tokensFile is not None
         self._purge: LoopingCall | None = None
 
     def open(self) -> None:
@@ -128,6 +141,7 @@ class Container:
         for path in self.failQueue.open():
             self.log.error("fail queue entry {path} is unreadable; left in place", path=str(path))
         self.states.open()
+        self.metrics.watch(self)
         self.front = FrontQueue(self.ids, self.spool, self.idempotency.hold)
         self.fanout = Fanout(
             self.front,
@@ -139,6 +153,7 @@ class Container:
             self.idempotency,
             self.records,
             self.clock,
+            self.metrics,
         )
         self.retries = RetryEngine(
             self.clock,
@@ -147,6 +162,7 @@ class Container:
             self.front,
             self.spool,
             interval=min(self.config.retry.initial, 1.0),
+            metrics=self.metrics,
         )
 
     async def start(self) -> None:
@@ -171,9 +187,11 @@ class Container:
         for worker in self.workers.values():
             worker.start()
         self.fanout.start()
-        await recover(
+        counts = await recover(
             self.spool, self.states, self.failQueue, self.fanout, self.front, self.idempotency
         )
+        for what, count in counts.items():
+            self.metrics.recovered.labels(what).inc(count)
         self.recovered = True
         self.retries.start()
         self._purge = LoopingCall(self._forgetOldStates)
@@ -191,6 +209,94 @@ class Container:
             self.log.failure("could not forget old UOW states", reason)
 
         return self.states.purge(before).addCallbacks(purged, failed)
+
+    async def reload(self, config: Config, context: StashContext) -> dict[str, list[str]]:
+        """
+        Switch to C{config} between UOWs: stashes whose spec is unchanged keep
+        running; new and changed ones are built and started; UOWs under way
+        finish with the stashes they started with, which are then stopped if
+        no longer used. Nothing is switched if the new configuration is
+        wrong.
+
+        @return: Stash names by what happened to them: added, changed,
+            removed, kept.
+        @raise ConfigError: The new configuration is wrong, or changes what
+            only a restart can (endpoints, data directory, fail queue
+            backend); the old configuration stays in force.
+        """
+        assert self.fanout is not None
+        for key, attribute in (
+            ("listen", "listen"),
+            ("admin_listen", "adminListen"),
+            ("data_dir", "dataDir"),
+            ("failqueue.backend", "failqueueBackend"),
+        ):
+            if getattr(config, attribute) != getattr(self.config, attribute):
+                raise ConfigError(f"{config.source}: {key}: changing it needs a restart")
+
+        def same(name: str, spec: StashSpec) -> IStash | None:
+            old = self.config.stashes.get(name)
+            if old is not None and spec.options is not None and old.options is not None:
+                if old.options.values() == spec.options.values():
+                    return self.stashes[name]
+            return None
+
+        stashes = buildStashes(config, context, same)
+        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": []}
+        workers = {}
+        for name, spec in config.stashes.items():
+            if name in self.stashes and stashes[name] is self.stashes[name]:
+                changes["kept"].append(name)
+                workers[name] = self.workers[name]
+                continue
+            changes["changed" if name in self.stashes else "added"].append(name)
+            self.startFailures.pop(name, None)
+            stash = stashes[name]
+            if IStartable.providedBy(stash):
+                try:
+                    await stash.start()
+                except Exception as e:
+                    self.startFailures[name] = str(e) or repr(e)
+                    self.log.critical("stash {stash} could not start: {error}", stash=name, error=str(e))
+            worker = StashWorker(stash, self.clock, spec.concurrency, spec.timeout, spec.part, self.metrics)
+            worker.start()
+            workers[name] = worker
+        changes["removed"] = [name for name in self.stashes if name not in config.stashes]
+        retired = [
+            (self.workers[name], self.stashes[name])
+            for name in self.stashes
+            if name not in workers or workers[name] is not self.workers[name]
+        ]
+        underway = list(self.fanout.active)
+        self.config = config
+        self.stashes = stashes
+        self.workers = workers
+        self.routes = {
+            route.path: [name for name in config.stashes if name in route.stashes]
+            for route in config.routes
+        }
+        self.readers = {
+            route.path: [IReader(stashes[name]) for name in route.read] for route in config.routes
+        }
+        self.fanout.routing = Routing(self.workers, self.routes)
+        self.failQueue.retry = config.retry
+        self.ingressSecured = config.tokensFile is not None
+        for name in changes["removed"]:
+            self.startFailures.pop(name, None)
+
+        def retire(_: object) -> None:
+            for worker, stash in retired:
+                worker.stop()
+                if IStartable.providedBy(stash):
+                    stash.stop()
+
+        DeferredList(underway, consumeErrors=True).addCallback(retire)
+        self.log.info(
+            "configuration reloaded from {source}: {summary}",
+            source=str(config.source),
+            summary=", ".join(f"{what}: {', '.join(names)}" for what, names in changes.items() if names),
+        )
+        return changes
 
     async def drain(self, grace: float) -> int:
         """

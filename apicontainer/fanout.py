@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -14,11 +15,25 @@ from .crashpoints import reach
 from .failqueue import FailedUOW, FileFailQueue
 from .frontqueue import Admission, FrontQueue
 from .idempotency import IdempotencyIndex
+from .metrics import Metrics
 from .records import UOWRecords, UOWState
 from .spool import Spool
 from .states import FinalState, StateRecord, StateStore
 from .uow import Outcome, Report, UnitOfWork, Verdict
 from .worker import Delivery, StashWorker
+
+
+@frozen
+class Routing:
+    """
+    Which stashes a UOW goes to: the configuration in force when the UOW
+    reached the fanout. A reload swaps it; UOWs under way keep theirs.
+
+    @ivar routes: Route pattern to its stash names, in configuration order.
+    """
+
+    workers: Mapping[str, StashWorker]
+    routes: Mapping[str, Sequence[str]]
 
 
 class Fanout:
@@ -59,16 +74,17 @@ class Fanout:
         idempotency: IdempotencyIndex,
         records: UOWRecords,
         clock: IReactorTime,
+        metrics: Metrics | None = None,
     ) -> None:
         self._front = front
-        self._workers = workers
-        self._routes = routes
+        self.routing = Routing(workers, routes)
         self._spool = spool
         self._failQueue = failQueue
         self._states = states
         self._idempotency = idempotency
         self._records = records
         self._clock = clock
+        self._metrics = metrics
         self._tails: dict[str, Deferred[None]] = {}
         self._loop: Deferred[None] | None = None
         self.active: set[Deferred[Report]] = set()
@@ -109,7 +125,7 @@ class Fanout:
         """
         self._records.begin(uow)
         previous = self._tails.get(uow.key)
-        settled = Deferred.fromCoroutine(self._settleAfter(previous, uow, entry))
+        settled = Deferred.fromCoroutine(self._settleAfter(previous, uow, entry, self.routing))
         tail: Deferred[None] = Deferred()
         self._tails[uow.key] = tail
         self.active.add(settled)
@@ -125,12 +141,16 @@ class Fanout:
         return settled
 
     async def _settleAfter(
-        self, previous: Deferred[None] | None, uow: UnitOfWork, entry: FailedUOW | None
+        self,
+        previous: Deferred[None] | None,
+        uow: UnitOfWork,
+        entry: FailedUOW | None,
+        routing: Routing,
     ) -> Report:
         if previous is not None:
             await previous
         try:
-            return await self.settle(uow, entry)
+            return await self.settle(uow, entry, routing)
         except Exception:
             self.log.failure(
                 "UOW {uow} could not be settled; its spool file stays for recovery", uow=uow.id
@@ -138,29 +158,42 @@ class Fanout:
             self._records.finish(uow, UOWState.received, None)
             raise
 
-    async def settle(self, uow: UnitOfWork, entry: FailedUOW | None = None) -> Report:
+    async def settle(
+        self, uow: UnitOfWork, entry: FailedUOW | None = None, routing: Routing | None = None
+    ) -> Report:
         """
         Deliver C{uow} to every stash of its route and settle the outcome.
 
         @param entry: The fail queue entry, when this is a retry of one. A
             retry of a rejected UOW whose rollback failed only rolls back.
+        @param routing: The stashes to use; the current ones by default.
         @return: The report of this attempt.
         """
-        names = self._routes[uow.route]
+        routing = routing or self.routing
         self._records.applying(uow)
+        if uow.route not in routing.routes:
+            # A reload removed the route of a UOW retried or recovered since.
+            missing = Verdict.failed(503, f"route {uow.route} is no longer configured")
+            report = Report.fromVerdicts(uow, {"(route)": missing})
+            queued = self._failQueue.failed(report, uow.route)
+            await self._failQueue.put(queued)
+            self._logReport(uow, report, queued.state.value)
+            self._records.finish(uow, UOWState.queued, report)
+            return report
+        names = routing.routes[uow.route]
         if uow.isRetry:
             newest = await self._states.lastStored(uow.key)
             if newest is not None and newest > uow.id:
-                return await self._supersede(uow, names, newest)
+                return await self._supersede(uow, names, newest, routing)
         if entry is not None and entry.compensate:
             report = entry.report
         else:
-            report = await self._deliver(uow, names)
+            report = await self._deliver(uow, names, routing)
         if report.outcome is Outcome.stored:
-            await self._everywhere("commit", uow, names)
+            await self._everywhere("commit", uow, names, routing)
             await self._finish(uow, FinalState.stored, report)
             return report
-        unfinished = await self._everywhere("rollback", uow, list(reversed(names)))
+        unfinished = await self._everywhere("rollback", uow, list(reversed(names)), routing)
         if unfinished or report.outcome is Outcome.queued:
             compensate = report.outcome is Outcome.rejected
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
@@ -180,11 +213,11 @@ class Fanout:
         await self._finish(uow, FinalState.rejected, report)
         return report
 
-    async def _deliver(self, uow: UnitOfWork, names: Sequence[str]) -> Report:
+    async def _deliver(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> Report:
         pending = []
         for name in names:
             delivery = Delivery(uow, Deferred())
-            self._workers[name].queue.put(delivery)
+            routing.workers[name].queue.put(delivery)
             pending.append(delivery.verdict)
         results = await DeferredList(pending, consumeErrors=True)
         verdicts: dict[str, Verdict] = {}
@@ -193,14 +226,16 @@ class Fanout:
             verdicts[name] = value if ok else Verdict.failed(500, str(value.value))  # type: ignore[attr-defined]
         return Report.fromVerdicts(uow, verdicts)
 
-    async def _supersede(self, uow: UnitOfWork, names: Sequence[str], newest: int) -> Report:
+    async def _supersede(
+        self, uow: UnitOfWork, names: Sequence[str], newest: int, routing: Routing
+    ) -> Report:
         """
         Roll back whatever earlier attempts of C{uow} left, and end it: UOW
         C{newest} on its key was stored after it.
         """
         declined = Verdict.declined(f"superseded by UOW {newest}")
         report = Report.fromVerdicts(uow, {name: declined for name in names})
-        unfinished = await self._everywhere("rollback", uow, list(reversed(names)))
+        unfinished = await self._everywhere("rollback", uow, list(reversed(names)), routing)
         if unfinished:
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate=True)
             await self._failQueue.put(queued)
@@ -240,7 +275,9 @@ class Fanout:
         self._logReport(uow, report, state.value)
         self._records.finish(uow, UOWState(state.value), report)
 
-    async def _everywhere(self, step: str, uow: UnitOfWork, names: Sequence[str]) -> list[str]:
+    async def _everywhere(
+        self, step: str, uow: UnitOfWork, names: Sequence[str], routing: Routing
+    ) -> list[str]:
         """
         Run C{commit} or C{rollback} on each named stash, one after another,
         each within the stash's C{timeout_s}.
@@ -251,7 +288,7 @@ class Fanout:
         for index, name in enumerate(names):
             if index == 1:
                 reach(f"during-{step}")
-            worker = self._workers[name]
+            worker = routing.workers[name]
             try:
                 call = maybeDeferred(getattr(worker.stash, step), uow)
                 await call.addTimeout(worker.timeout, self._clock)
@@ -260,9 +297,16 @@ class Fanout:
                     "stash {stash} failed to {step} UOW {uow}", stash=name, step=step, uow=uow.id
                 )
                 failed.append(name)
+                ok = False
+            else:
+                ok = True
+            if step == "rollback" and self._metrics is not None:
+                self._metrics.rollbacks.labels(name, "ok" if ok else "failed").inc()
         return failed
 
     def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.uows.labels(uow.route, state).inc()
         if state in ("stored", "superseded"):
             emit = self.log.info
         elif state in ("parked", "stuck"):

@@ -7,7 +7,7 @@ total and per peer.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
@@ -45,7 +45,13 @@ class LimitedRequest(Request):
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
 
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        limits = getattr(site, "limits", None)
+        return limits.maxBodyBytes if limits is not None else self.maxBodyBytes
+
     def gotLength(self, length: int | None) -> None:
+        self.maxBodyBytes = self._limit()
         if length is not None and length > self.maxBodyBytes:
             self._refuse()
             return
@@ -82,14 +88,6 @@ class LimitedRequest(Request):
             )
         )
         self.channel.loseConnection()
-
-
-def limitedRequestFactory(maxBodyBytes: int) -> Callable[..., LimitedRequest]:
-    """
-    A C{requestFactory} for a L{twisted.web.server.Site} that enforces
-    C{maxBodyBytes}.
-    """
-    return type("LimitedRequest", (LimitedRequest,), {"maxBodyBytes": maxBodyBytes})
 
 
 class LimitedChannel(HTTPChannel):
@@ -174,40 +172,36 @@ class LimitedSite(Site):
     """
 
     protocol = LimitedChannel  # type: ignore[assignment]
-    maxConnections = 1024
-    maxConnectionsPerPeer = 64
 
     def __init__(self, resource: Any, limits: Any, **kwargs: Any) -> None:
         """
         @param limits: A L{apicontainer.config.Limits}.
         """
-        super().__init__(resource, requestFactory=limitedRequestFactory(limits.maxBodyBytes), **kwargs)
+        super().__init__(resource, requestFactory=LimitedRequest, **kwargs)
         self.displayTracebacks = False
-        self.maxConnections = limits.maxConnections
-        self.maxConnectionsPerPeer = limits.maxConnectionsPerPeer
-        self.protocol = type(  # type: ignore[assignment]
-            "LimitedChannel",
-            (LimitedChannel,),
-            {
-                "headerTimeout": limits.headerTimeout,
-                "bodyTimeout": limits.bodyTimeout,
-                "maxHeaders": limits.maxHeaders,
-                "totalHeadersSize": limits.maxHeaderBytes,
-            },
-        )
+        self.limits = limits
         self._open: dict[str, int] = {}
         self._total = 0
 
     def buildProtocol(self, addr: Any) -> Any:
+        """
+        A channel with the limits in force now (a reload changes them for
+        the connections that follow), or a refusal past the connection caps.
+        """
+        limits = self.limits
         peer = getattr(addr, "host", str(addr))
-        if self._total >= self.maxConnections:
-            return _Refusal(f"limits.max_connections ({self.maxConnections}) connections are open")
-        if self._open.get(peer, 0) >= self.maxConnectionsPerPeer:
+        if self._total >= limits.maxConnections:
+            return _Refusal(f"limits.max_connections ({limits.maxConnections}) connections are open")
+        if self._open.get(peer, 0) >= limits.maxConnectionsPerPeer:
             return _Refusal(
-                f"limits.max_connections_per_peer ({self.maxConnectionsPerPeer}) connections are open from {peer}"
+                f"limits.max_connections_per_peer ({limits.maxConnectionsPerPeer}) connections are open from {peer}"
             )
         channel = super().buildProtocol(addr)
         if channel is not None:
+            channel.headerTimeout = limits.headerTimeout
+            channel.bodyTimeout = limits.bodyTimeout
+            channel.maxHeaders = limits.maxHeaders
+            channel.totalHeadersSize = limits.maxHeaderBytes
             self._total += 1
             self._open[peer] = self._open.get(peer, 0) + 1
             channel._peerKey = peer

@@ -44,16 +44,31 @@ class Ingress:
     def __init__(
         self,
         container: Container,
-        limits: Limits,
         clock: IReactorTime,
         tokens: BearerTokens | None = None,
     ) -> None:
+        """
+        The routes and limits are the container's configuration in force,
+        read for each request, so that a reload applies to the next one.
+        """
         self._container = container
-        self._limits = limits
         self._clock = clock
-        self._tokens = tokens
-        self._rules = Map([Rule(path, endpoint=path) for path in container.routes]).bind("")
+        self.tokens = tokens
+        self._rulesFor: object = None
+        self._rules: Any = None
         self.inFlight = 0
+
+    @property
+    def _limits(self) -> Limits:
+        return self._container.config.limits
+
+    def _match(self, key: str) -> str:
+        routes = self._container.routes
+        if self._rulesFor is not routes:
+            self._rules = Map([Rule(path, endpoint=path) for path in routes]).bind("")
+            self._rulesFor = routes
+        route, _ = self._rules.match(key)
+        return route  # type: ignore[no-any-return]
 
     def resource(self) -> IResource:
         """
@@ -68,7 +83,7 @@ class Ingress:
         """
         key: str = request.resourceKey  # type: ignore[attr-defined]
         try:
-            route, _ = self._rules.match(key)
+            route = self._match(key)
         except NotFound:
             return errorResponse(request, 404, "no_route", f"no route matches {key}")
         method = request.method.decode("ascii", "replace").upper()
@@ -78,7 +93,7 @@ class Ingress:
             return errorResponse(
                 request, 405, "method", f"{method} is not allowed on {route}", allow=allow
             )
-        if self._tokens is not None and not self._tokens.accepts(
+        if self.tokens is not None and not self.tokens.accepts(
             request.getHeader(b"authorization")
         ):
             return errorResponse(
@@ -154,6 +169,7 @@ class Ingress:
             receivedAt=self._clock.seconds(),
             idempotencyKey=idempotencyKey,
         )
+        self._container.metrics.requestBytes.observe(len(body))
         self.inFlight += 1
         try:
             if idempotencyKey is not None:

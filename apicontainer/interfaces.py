@@ -86,6 +86,21 @@ class IStartable(Interface):
         """
 
 
+class IProbe(Interface):
+    """
+    A stash that can tell whether its destination is reachable, for
+    C{GET /_ready}.
+    """
+
+    def probe():
+        """
+        Check the destination with the cheapest real round trip.
+
+        @return: A Deferred that fires with L{None} when it answered, or fails
+            with the reason it did not.
+        """
+
+
 class IFailQueue(Interface):
     """
     A durable record of UOWs that failed with a 5xx and wait for a retry.

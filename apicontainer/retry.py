@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from .failqueue import FailedState, FailedUOW, FileFailQueue
 from .fanout import Fanout
+from .metrics import Metrics
 from .frontqueue import FrontQueue
 from .spool import CorruptSpoolFile, Spool
 from .uow import Report
@@ -38,6 +39,7 @@ class RetryEngine:
         front: FrontQueue,
         spool: Spool,
         interval: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
         self._failQueue = failQueue
@@ -45,6 +47,7 @@ class RetryEngine:
         self._front = front
         self._spool = spool
         self._interval = interval
+        self._metrics = metrics
         self._loop: LoopingCall | None = None
 
     def start(self) -> None:
@@ -83,6 +86,8 @@ class RetryEngine:
         return self._attempt(entry)
 
     def _attempt(self, entry: FailedUOW) -> Deferred[Report | None]:
+        if self._metrics is not None:
+            self._metrics.retries.inc()
         attempt = Deferred.fromCoroutine(self._run(entry))
 
         def failed(reason):  # type: ignore[no-untyped-def]
@@ -97,7 +102,7 @@ class RetryEngine:
         except (CorruptSpoolFile, FileNotFoundError) as e:
             await self._unusable(entry, e)
             return None
-        self.log.info(
+        self.log.warn(
             "retrying UOW {uow} on {key} (attempt {attempts} of {limit})",
             uow=entry.uow,
             key=entry.key,

@@ -5,6 +5,7 @@ The server as a Twisted service: starts the container, then listens.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from twisted.application.service import Service
@@ -17,7 +18,9 @@ from twisted.python.threadpool import ThreadPool
 from .admin import AdminAPI
 from .auth import BearerTokens
 from .blocking import Blocking, inThreadPool
+from .config import ConfigError, loadConfig
 from .container import Container
+from .stashes import StashContext
 from .httplimits import LimitedSite
 from .ingress import Ingress
 
@@ -66,12 +69,16 @@ class ContainerService(Service):
         pools: SerialPools,
         tokens: BearerTokens | None,
         adminTokens: BearerTokens | None = None,
+        context: StashContext | None = None,
     ) -> None:
         self._reactor = reactor
         self._container = container
         self._pools = pools
         self._tokens = tokens
         self._adminTokens = adminTokens
+        self._context = context
+        self._sites: list[LimitedSite] = []
+        self._admin: AdminAPI | None = None
         self._ports: list[IListeningPort] = []
         self.ingress: Ingress | None = None
         self.started: Deferred[None] | None = None
@@ -85,13 +92,11 @@ class ContainerService(Service):
         config = self._container.config
         try:
             await self._container.start()
-            self.ingress = Ingress(self._container, config.limits, self._reactor, self._tokens)
+            self.ingress = Ingress(self._container, self._reactor, self._tokens)
+            self._admin = AdminAPI(self._container, self._adminTokens, self.reload)
             site = LimitedSite(self.ingress.resource(), config.limits, reactor=self._reactor)
-            admin = LimitedSite(
-                AdminAPI(self._container, self._adminTokens).app.resource(),
-                config.limits,
-                reactor=self._reactor,
-            )
+            admin = LimitedSite(self._admin.app.resource(), config.limits, reactor=self._reactor)
+            self._sites = [site, admin]
             for description, factory in ((config.listen, site), (config.adminListen, admin)):
                 port = await serverFromString(self._reactor, description).listen(factory)
                 self._ports.append(port)
@@ -101,12 +106,47 @@ class ContainerService(Service):
             self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self._reactor.callWhenRunning(self._reactor.stop)
             return
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._hangup)
         self.log.info(
             "api-container ready: {routes} route(s), stashes {stashes}, data in {dataDir}",
             routes=len(config.routes),
             stashes=", ".join(self._container.stashes),
             dataDir=str(config.dataDir),
         )
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        def reload() -> None:
+            Deferred.fromCoroutine(self.reload()).addErrback(lambda failure: None)
+
+        self._reactor.callFromThread(reload)
+
+    async def reload(self) -> dict[str, Any]:
+        """
+        Load the configuration file again and switch to it between UOWs;
+        on SIGHUP and C{POST /_reload}.
+
+        @return: What changed.
+        @raise ConfigError: The new configuration is wrong; the old one stays
+            in force, and the log says why.
+        """
+        source = self._container.config.source
+        try:
+            config = loadConfig(source)
+            tokens = BearerTokens.fromFile(config.tokensFile) if config.tokensFile else None
+            adminTokens = BearerTokens.fromFile(config.adminTokensFile) if config.adminTokensFile else tokens
+            assert self._context is not None
+            changes = await self._container.reload(config, self._context)
+        except ConfigError as e:
+            self.log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            raise
+        if self.ingress is not None:
+            self.ingress.tokens = tokens
+        if self._admin is not None:
+            self._admin.tokens = adminTokens
+        for site in self._sites:
+            site.limits = config.limits
+        return {"reloaded": str(source), **changes}
 
     async def _stop(self) -> None:
         """

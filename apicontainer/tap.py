@@ -76,5 +76,5 @@ def makeService(options: Options) -> IService:
     except (OSError, ValueError) as e:
         _refuse(f"cannot open the data directory {config.dataDir}: {e}")
     root = MultiService()
-    ContainerService(reactor, container, pools, tokens, adminTokens).setServiceParent(root)
+    ContainerService(reactor, container, pools, tokens, adminTokens, context).setServiceParent(root)
     return root

@@ -249,7 +249,7 @@ class ContainerHarness:
         # in-memory stashes at once, unless a stash hangs during recovery
         # (then advance the clock past its timeout).
         self.started = Deferred.fromCoroutine(self.container.start())
-        self.ingress = Ingress(self.container, limits, self.clock, tokens)
+        self.ingress = Ingress(self.container, self.clock, tokens)
         self._client = StubTreq(self.ingress.resource())
         self._admin = StubTreq(AdminAPI(self.container, tokens).app.resource())
 

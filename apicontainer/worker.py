@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from .interfaces import IStash
 from .crashpoints import reach
+from .metrics import Metrics
 from .multipart import MultipartError
 from .uow import UnitOfWork, Verdict, VerdictKind
 
@@ -48,6 +49,7 @@ class StashWorker:
         concurrency: int = 16,
         timeout: float = 30.0,
         part: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """
         @param part: When set, the stash gets only the C{multipart/form-data}
@@ -61,6 +63,7 @@ class StashWorker:
         self._concurrency = concurrency
         self.timeout = timeout
         self.part = part
+        self._metrics = metrics
         self._loops: list[Deferred[None]] = []
 
     @property
@@ -96,6 +99,14 @@ class StashWorker:
         """
         Ask the stash for its verdict on C{uow}, within the timeout.
         """
+        started = self._clock.seconds()
+        verdict = await self._call(uow)
+        if self._metrics is not None:
+            self._metrics.latency.labels(self.name).observe(self._clock.seconds() - started)
+            self._metrics.verdicts.labels(self.name, verdict.kind.value, str(verdict.status)).inc()
+        return verdict
+
+    async def _call(self, uow: UnitOfWork) -> Verdict:
         if self.part is not None and not uow.isDelete:
             try:
                 found = uow.part(self.part)

@@ -42,7 +42,7 @@ from ..durable import (
     removeTemporaries,
     writeAtomically,
 )
-from ..interfaces import IReader, IStartable, IStash
+from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 
@@ -61,7 +61,7 @@ def encodeSegment(segment: str) -> str:
     return encoded
 
 
-@implementer(IStash, IReader, IStartable)
+@implementer(IStash, IReader, IStartable, IProbe)
 class FilesystemStash:
     """
     Documents as files under a root directory.
@@ -97,6 +97,13 @@ class FilesystemStash:
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
+
+    def probe(self) -> Deferred[None]:
+        def check() -> None:
+            if not self._undo.is_dir() or not os.access(self._undo, os.W_OK):
+                raise OSError(f"{self.root} is not a writable directory with its .undo folder")
+
+        return self._blocking(check)
 
     def _pointer(self, key: str) -> Path:
         segments = [encodeSegment(s) for s in key.strip("/").split("/")]

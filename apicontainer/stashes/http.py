@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..interfaces import IReader, IStartable, IStash
+from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 
@@ -42,7 +42,7 @@ class DownstreamError(Exception):
     """
 
 
-@implementer(IStash, IReader, IStartable)
+@implementer(IStash, IReader, IStartable, IProbe)
 class HTTPStash:
     """
     A downstream HTTP API as a stash.
@@ -301,6 +301,13 @@ class HTTPStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._change(("DELETE FROM undo WHERE uow = ?", (uow.id,)))
+
+    def probe(self) -> Deferred[None]:
+        """
+        Any HTTP answer to a GET of the base URL means the downstream is
+        reachable.
+        """
+        return self._request("GET", "").addCallback(treq.content).addCallback(lambda _: None)  # type: ignore[no-any-return]
 
     # IReader
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import StashSpec
-from ..interfaces import IReader, IStartable, IStash
+from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 from .sqldocuments import DocumentTables, checkTableName
@@ -33,7 +33,7 @@ def _unavailable() -> tuple[type[BaseException], ...]:
     return (psycopg.OperationalError, psycopg.InterfaceError, adbapi.ConnectionLost)
 
 
-@implementer(IStash, IReader, IStartable)
+@implementer(IStash, IReader, IStartable, IProbe)
 class PostgresStash:
     """
     Documents in one PostgreSQL table, with an undo table beside it.
@@ -141,6 +141,9 @@ class PostgresStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._run(self._tables.commit, uow)
+
+    def probe(self) -> Deferred[None]:
+        return self._run(lambda cursor: cursor.execute("SELECT 1"))
 
     def read(self, key: str) -> Deferred[Document | None]:
         return self._run(self._tables.read, key)

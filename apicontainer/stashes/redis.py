@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import StashSpec
-from ..interfaces import IReader, IStartable, IStash
+from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 
@@ -132,7 +132,7 @@ def parseURL(url: str) -> dict[str, Any]:
     }
 
 
-@implementer(IStash, IReader, IStartable)
+@implementer(IStash, IReader, IStartable, IProbe)
 class RedisStash:
     """
     Documents in Redis, applied and undone by Lua scripts.
@@ -254,6 +254,9 @@ class RedisStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._client().eval(COMMIT, self._keys(uow), [str(uow.id)]).addCallback(lambda _: None)  # type: ignore[no-any-return]
+
+    def probe(self) -> Deferred[None]:
+        return self._client().ping().addCallback(lambda _: None)  # type: ignore[no-any-return]
 
     def read(self, key: str) -> Deferred[Document | None]:
         def document(fields: list[bytes | None]) -> Document | None:

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..interfaces import IReader, IStartable, IStash
+from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 from .sqldocuments import DocumentTables, checkTableName
@@ -28,7 +28,7 @@ from .sqldocuments import DocumentTables, checkTableName
 T = TypeVar("T")
 
 
-@implementer(IStash, IReader, IStartable)
+@implementer(IStash, IReader, IStartable, IProbe)
 class SQLiteStash:
     """
     Documents in one SQLite table, with an undo table beside it.
@@ -122,6 +122,9 @@ class SQLiteStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._blocking(self._inTransaction, self._tables.commit, uow)
+
+    def probe(self) -> Deferred[None]:
+        return self._blocking(lambda: self._db().execute("SELECT 1").fetchone() and None)
 
     def read(self, key: str) -> Deferred[Document | None]:
         return self._blocking(lambda: self._tables.read(self._db().cursor(), key))
