@@ -1,0 +1,184 @@
+"""
+What operators rely on: metrics, readiness, the OpenAPI document (checked
+with openapi-spec-validator and schemathesis against the live server) and
+hot reload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import fail, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from apicontainer.interfaces import IProbe
+from apicontainer.testing import ContainerHarness, MemoryStash
+
+from .conftest import DEFAULT, RunningServer
+
+
+@implementer(IProbe)
+class ProbedStash(MemoryStash):
+    reachable = True
+
+    def probe(self):  # type: ignore[no-untyped-def]
+        return succeed(None) if self.reachable else fail(ConnectionRefusedError("no route to the store"))
+
+
+class MetricsAndReadinessTests(SynchronousTestCase):
+    def test_metrics(self) -> None:
+        """
+        After a stored and a queued UOW, the metrics count them by state,
+        the verdicts and rollbacks by stash, the fail queue depth, the spool
+        file left, and the request sizes.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b")
+        h = ContainerHarness(Path(self.mktemp()), [a, b])
+        h.request("PUT", "/items/1", b"12345")
+        b.failWith = 503
+        h.request("PUT", "/items/2", b"x")
+        response = h.admin("GET", "/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.header("content-type").startswith("text/plain"))
+        text = response.body.decode()
+        for line in (
+            'apicontainer_uows_total{route="/items/<id>",state="stored"} 1.0',
+            'apicontainer_uows_total{route="/items/<id>",state="queued"} 1.0',
+            'apicontainer_stash_verdicts_total{stash="b",status="503",verdict="failed"} 1.0',
+            'apicontainer_stash_verdicts_total{stash="a",status="200",verdict="stored"} 2.0',
+            'apicontainer_rollbacks_total{result="ok",stash="a"} 1.0',
+            'apicontainer_failqueue{state="queued"} 1.0',
+            "apicontainer_spool_files 1.0",
+            "apicontainer_request_bytes_count 2.0",
+            "apicontainer_request_bytes_sum 6.0",
+            'apicontainer_stash_seconds_count{stash="a"} 2.0',
+            "apicontainer_in_flight 0.0",
+        ):
+            self.assertIn(line, text)
+
+    def test_ready(self) -> None:
+        """
+        /_ready is 200 when every probed stash answers, 503 with the reason
+        when one does not.
+        """
+        probed = ProbedStash("db")
+        h = ContainerHarness(Path(self.mktemp()), [probed])
+        self.assertEqual(h.admin("GET", "/_ready").json(), {"ready": True, "reasons": []})
+        probed.reachable = False
+        response = h.admin("GET", "/_ready")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.json()["reasons"], ["stash db is unreachable: no route to the store"])
+
+
+
+
+def fetch(url: str, method: str = "GET") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.integration
+def test_openapi(server: RunningServer, tmp_path: Path) -> None:
+    """
+    The OpenAPI document of the running server is valid OpenAPI 3.1, and
+    schemathesis, sending generated requests to ingress and the admin API,
+    finds no undocumented status, content type or body, and no 5xx.
+    """
+    from openapi_spec_validator import validate
+
+    status, body = fetch(f"http://127.0.0.1:{server.adminPort}/_openapi.json")
+    assert status == 200
+    document = json.loads(body)
+    validate(document)
+    assert "/items/{id}" in document["paths"] and "/_failed/{uowId}/retry" in document["paths"]
+    spec = tmp_path / "openapi.json"
+    spec.write_bytes(body)
+    schemathesis = str(Path(sys.executable).parent / "schemathesis")
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    for port, paths in ((server.port, "^/items"), (server.adminPort, "^/(_(?!reload)|metrics)")):
+        result = subprocess.run(
+            [schemathesis, "run", str(spec), "--url", f"http://127.0.0.1:{port}", "--include-path-regex", paths,
+             "--checks", checks, "--max-examples", "15", "--phases", "coverage,fuzzing", "-w", "1", "--seed", "7"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stdout[-3000:]
+
+
+RELOADED = DEFAULT.replace(
+    "routes:\n", "routes:\n  - path: /things/<id>\n    stashes: [records]\n    read: [records]\n"
+)
+
+
+@pytest.mark.integration
+def test_reload(server: RunningServer) -> None:
+    """
+    POST /_reload switches to the edited file between UOWs, without a
+    failed request under load; a wrong file is refused with its reason and
+    the running configuration stays; SIGHUP reloads too.
+    """
+    admin = f"http://127.0.0.1:{server.adminPort}"
+    assert server.request("PUT", "/things/1", b"x")[0] == 404
+    failures: list[object] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                status = server.request("PUT", f"/items/load-{n}", b"x")[0]
+            except OSError as e:
+                failures.append(e)
+                continue
+            if status != 200:
+                failures.append(status)
+
+    writer = threading.Thread(target=load)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        server.configPath.write_text(RELOADED.format(port=server.port, admin=server.adminPort, data=server.dataDir))
+        status, body = fetch(admin + "/_reload", "POST")
+        assert status == 200, body
+        assert json.loads(body)["kept"] == ["records", "files"]
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        writer.join()
+    assert failures == []
+    assert server.request("PUT", "/things/1", b"x")[0] == 200
+
+    good = server.configPath.read_text()
+    server.configPath.write_text(good.replace("type: filesystem", "type: filesytem"))
+    status, body = fetch(admin + "/_reload", "POST")
+    assert status == 400
+    assert "stashes.files.type: unknown stash type 'filesytem'" in json.loads(body)["message"]
+    assert server.request("PUT", "/items/after-bad", b"x")[0] == 200
+
+    server.configPath.write_text(good.replace("listen: \"tcp:", "listen: \"tcp:1", 1))
+    status, body = fetch(admin + "/_reload", "POST")
+    assert (status, json.loads(body)["error"]) == (400, "bad_config")
+    assert "needs a restart" in json.loads(body)["message"]
+
+    server.configPath.write_text(good.replace("  - path: /things/<id>\n    stashes: [records]\n    read: [records]\n", ""))
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while server.request("PUT", "/things/2", b"x")[0] != 404:
+        assert time.monotonic() < deadline, "SIGHUP did not reload"
+        time.sleep(0.1)
+    assert "configuration reloaded" in server.log.read_text()
