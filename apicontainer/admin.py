@@ -4,6 +4,7 @@ The admin API, on its own endpoint: health, UOW states and the fail queue.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from klein import Klein
@@ -26,6 +27,9 @@ from .responses import errorResponse, jsonResponse
 from .spool import CorruptSpoolFile
 from .states import FinalState, StateRecord
 from .uow import UnitOfWork
+
+
+PAGE = Path(__file__).with_name("failqueue.html")
 
 
 class AdminAPI:
@@ -59,6 +63,16 @@ class AdminAPI:
             "a valid bearer token is required",
             www_authenticate='Bearer realm="apicontainer-admin"',
         )
+
+    @app.route("/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        """
+        The fail-queue page: a static page that calls this API (with the
+        admin token the operator types in, when tokens are configured).
+        """
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", b"default-src 'self' 'unsafe-inline'")
+        return PAGE.read_bytes()
 
     @app.route("/_health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:

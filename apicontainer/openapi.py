@@ -141,6 +141,7 @@ def _admin(secured: bool) -> dict[str, Any]:
     notFound = _error("No such UOW here")
     common = {"401": _error("A valid bearer token is required")} if secured else {}
     return {
+        "/": {"get": {"operationId": "page", "responses": {"200": {"description": "The fail-queue page", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/_health": {"get": {"operationId": "health", "responses": {"200": _json(anyObject, "Alive, with counts and alarms"), **common}}},
         "/_ready": {"get": {"operationId": "ready", "responses": {"200": _json(anyObject, "Ready"), "503": _json(anyObject, "Not ready, with the reasons"), **common}}},
         "/metrics": {"get": {"operationId": "metrics", "responses": {"200": {"description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}, **common}}},
