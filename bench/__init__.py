@@ -1,0 +1,3 @@
+"""
+The benchmark harness: python -m bench.run (see BENCHMARKS.md).
+"""

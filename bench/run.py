@@ -1,0 +1,184 @@
+"""
+Measure the server against the same-run baseline.
+
+    .venv/bin/python -m bench.run              # the whole matrix (about 4 minutes)
+    .venv/bin/python -m bench.run --quick      # a smoke run (seconds)
+
+For each case it starts the real server (`twist apicontainer`) on a config
+of that case in a temporary data directory, drives it with wrk from another
+process over loopback (each request a key of its own), and prints req/s,
+p50, p99 and the server's peak RSS, each also as a ratio to the baseline (a
+Klein app that reads the body and stores nothing) measured in the same run
+with the same concurrency and body size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+TWIST = str(Path(sys.executable).parent / "twist")
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(port: int, admin: int, data: Path, stashes: int, failing: bool) -> str:
+    lines = [
+        f'listen: "tcp:{port}:interface=127.0.0.1"',
+        f'admin_listen: "tcp:{admin}:interface=127.0.0.1"',
+        f"data_dir: {data}",
+        "limits: {max_body_bytes: 4194304, max_in_flight: 4096, min_free_bytes: 0, max_connections_per_peer: 1024}",
+        "failqueue: {retry: {initial_s: 3600}}",
+        "stashes:",
+    ]
+    names = []
+    for i in range(stashes):
+        name = f"s{i}"
+        if i % 2 == 0:
+            lines.append(f"  {name}: {{type: sqlite, path: {name}.sqlite3}}")
+        else:
+            lines.append(f"  {name}: {{type: filesystem, root: {name}}}")
+        names.append(name)
+    if failing:
+        lines.append("  picky: {type: filesystem, root: picky, part: attachment}")
+        names.append("picky")
+    lines += ["routes:", "  - path: /items/<id>", f"    stashes: [{', '.join(names)}]"]
+    return "\n".join(lines) + "\n"
+
+
+def waitFor(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def peakRSS(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def wrk(port: int, concurrency: int, seconds: float, body: int, failEvery: int) -> dict[str, float]:
+    env = dict(os.environ, BODY_BYTES=str(body), FAIL_EVERY=str(failEvery))
+    threads = max(1, min(2, concurrency))
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "30s",
+         "-s", str(HERE / "unique.lua"), f"http://127.0.0.1:{port}/"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+
+    def percentile(p: str) -> float:
+        match = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        assert match, out
+        value, unit = float(match[1]), match[2]
+        return value / 1000 if unit == "us" else value if unit == "ms" else value * 1000
+
+    return {"rps": rate, "p50": percentile("50"), "p99": percentile("99"), "requests": total,
+            "non2xx": int(non2xx[1]) if non2xx else 0}
+
+
+def measure(command: list[str], port: int, concurrency: int, seconds: float, body: int, failEvery: int, cwd: Path) -> dict[str, Any]:
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        waitFor(port)
+        wrk(port, concurrency, 1.0, body, failEvery)  # warm up
+        result = wrk(port, concurrency, seconds, body, failEvery)
+        result["rss"] = peakRSS(process.pid)
+        return result
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float, baselines: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
+    key = (concurrency, body)
+    if key not in baselines:
+        port = freePort()
+        baselines[key] = measure([sys.executable, "-m", "bench.baseline", str(port)], port, concurrency, seconds, body, 0, HERE.parent)
+    data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
+    port, admin = freePort(), freePort()
+    (data / "config.yaml").write_text(config(port, admin, data / "var", stashes, failing))
+    result = measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds, body, 10 if failing else 0, data)
+    shutil.rmtree(data, ignore_errors=True)
+    base = baselines[key]
+    return {
+        "concurrency": concurrency, "body": body, "stashes": stashes, "failing": "10%" if failing else "0%",
+        **result,
+        "rps_ratio": result["rps"] / base["rps"], "p99_ratio": result["p99"] / base["p99"],
+        "baseline_rps": base["rps"], "baseline_p99": base["p99"],
+    }
+
+
+def cases(quick: bool) -> list[tuple[int, int, int, bool]]:
+    if quick:
+        return [(16, 1024, 2, False)]
+    base = (32, 1024, 2, False)
+    chosen = [base]
+    chosen += [(c, 1024, 2, False) for c in (1, 16, 64)]
+    chosen += [(16, b, 2, False) for b in (65536, 1048576)]
+    chosen += [(16, 1024, s, False) for s in (1, 4, 8)]
+    chosen += [(16, 1024, 2, True)]
+    return chosen
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = ["| c | body | stashes | failing | req/s | x baseline | p50 ms | p99 ms | p99 x baseline | peak RSS MiB |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        rows.append(
+            f"| {r['concurrency']} | {r['body'] // 1024} KiB | {r['stashes']} | {r['failing']} | {r['rps']:.0f} |"
+            f" {r['rps_ratio']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99_ratio']:.1f} | {r['rss'] / 2**20:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short case: checks that the harness works")
+    parser.add_argument("--seconds", type=float, default=None, help="per case (default 8, quick 2)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
+    seconds = args.seconds or (2.0 if args.quick else 8.0)
+    baselines: dict[tuple[int, int], dict[str, Any]] = {}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="apicontainer-bench-") as work:
+        for c, body, stashes, failing in cases(args.quick):
+            result = case(Path(work), c, body, stashes, failing, seconds, baselines)
+            results.append(result)
+            print(f"c={c} body={body} stashes={stashes} failing={result['failing']}: {result['rps']:.0f} req/s"
+                  f" ({result['rps_ratio']:.2f}x baseline), p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms"
+                  f" ({result['p99_ratio']:.1f}x), peak RSS {result['rss'] / 2**20:.0f} MiB, non-2xx {result['non2xx']}", flush=True)
+    print()
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
