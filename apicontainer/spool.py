@@ -23,18 +23,14 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .blocking import Blocking
-from .durable import (
-    fsyncDirectory,
-    makeDirectories,
-    removeDurably,
-    removeTemporaries,
-    writeAtomically,
-)
+from .groupcommit import GroupCommit, Operation, Outcome, each
+from .durable import fsyncDirectory, makeDirectories, removeTemporaries, writeAtomically
 from .uow import UnitOfWork
 
 MAGIC = b"ACSPOOL1"
@@ -61,6 +57,12 @@ class SpoolFull(SpoolError):
     """
     The spool's disk is full; nothing was spooled. Retry later.
     """
+
+
+def _spoolError(error: OSError) -> SpoolError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFull(f"spool disk full: {error.strerror}")
+    return SpoolError(f"spool write failed: {error.strerror or error}")
 
 
 class CorruptSpoolFile(Exception):
@@ -128,6 +130,14 @@ def decode(data: bytes) -> UnitOfWork:
         raise CorruptSpoolFile(f"unreadable metadata: {e}") from e
 
 
+def _remove(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 class Spool:
     """
     The durable store of accepted requests, one file per UOW.
@@ -141,6 +151,7 @@ class Spool:
         self.directory = directory
         self.quarantineDirectory = quarantine
         self._blocking = blocking
+        self._group = GroupCommit(blocking, self._writeBatch)
 
     def open(self) -> None:
         """
@@ -171,19 +182,40 @@ class Spool:
         """
         Record C{uow} durably.
 
+        Writes that arrive together share one thread-pool hop and one fsync
+        of the directory (group commit); each file is fsynced before it is
+        renamed into place.
+
         @return: A Deferred that fires with L{None} once the file and its
             directory entry are fsynced, or fails with L{SpoolFull} or
             L{SpoolError}, in which case no spool file exists.
         """
-        return self._blocking(self._write, uow)
+        return self._group.submit(self._write, uow)
 
-    def _write(self, uow: UnitOfWork) -> None:
+    def _write(self, uow: UnitOfWork) -> Path:
+        path = self.path(uow.id)
         try:
-            writeAtomically(self.path(uow.id), encode(uow))
+            writeAtomically(path, encode(uow), syncDirectory=False)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFull(f"spool disk full: {e.strerror}") from e
-            raise SpoolError(f"spool write failed: {e.strerror or e}") from e
+            raise _spoolError(e) from e
+        return path
+
+    def _writeBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+        outcomes = each(operations, lambda operation: operation[0](*operation[1]))
+        written = [path for ok, path in outcomes if ok]
+        if written:
+            try:
+                fsyncDirectory(self.directory)
+            except OSError as e:
+                # Not durable, so not trusted: the requests are refused and
+                # their files must not be replayed.
+                for path in written:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                raise _spoolError(e) from e
+        return outcomes
 
     def load(self, uowId: int) -> Deferred[UnitOfWork]:
         """
@@ -202,11 +234,13 @@ class Spool:
 
     def delete(self, uowId: int) -> Deferred[bool]:
         """
-        Remove the spool file of UOW C{uowId}, durably.
+        Remove the spool file of UOW C{uowId}, once its final state is
+        recorded. The removal is not fsynced: a file that a crash brings back
+        has a final state, and recovery removes it again.
 
         @return: A Deferred that fires with whether there was a file.
         """
-        return self._blocking(removeDurably, self.path(uowId))
+        return self._blocking(_remove, self.path(uowId))
 
     def quarantine(self, uowId: int) -> Deferred[Path]:
         """

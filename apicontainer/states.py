@@ -19,13 +19,13 @@ import json
 import sqlite3
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from .blocking import Blocking
+from .groupcommit import GroupCommit, Operation, Outcome, each
 
 
 class FinalState(str, Enum):
@@ -104,8 +104,7 @@ class StateStore:
         self.path = path
         self._blocking = blocking
         self._connection: sqlite3.Connection | None = None
-        self._pending: list[tuple[StateRecord, Deferred[None]]] = []
-        self._writing = False
+        self._group = GroupCommit(blocking, self._runBatch)
 
     def open(self) -> None:
         """
@@ -148,57 +147,40 @@ class StateStore:
 
         @return: A Deferred that fires once the batch holding it is committed.
         """
-        written: Deferred[None] = Deferred()
-        self._pending.append((record, written))
-        if not self._writing:
-            self._writeBatch()
-        return written
+        return self._group.submit(self._insert, record)
 
-    def _writeBatch(self) -> None:
-        batch, self._pending = self._pending, []
-        self._writing = True
-
-        def done(result: Any) -> None:
-            self._writing = False
-            for _, written in batch:
-                if isinstance(result, Failure):
-                    written.errback(result)
-                else:
-                    written.callback(None)
-            if self._pending:
-                self._writeBatch()
-
-        self._blocking(self._write, [record for record, _ in batch]).addBoth(done)
-
-    def _write(self, records: list[StateRecord]) -> None:
+    def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for r in records:
-                db.execute(
-                    f"INSERT OR REPLACE INTO uows ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        r.uow,
-                        r.key,
-                        r.route,
-                        r.state.value,
-                        r.status,
-                        json.dumps(r.report) if r.report is not None else None,
-                        r.idempotencyKey,
-                        r.payloadHash,
-                        r.at,
-                    ),
-                )
-                if r.state is FinalState.stored:
-                    db.execute(
-                        "INSERT INTO keys (key, uow) VALUES (?, ?) ON CONFLICT (key)"
-                        " DO UPDATE SET uow = max(uow, excluded.uow)",
-                        (r.key, r.uow),
-                    )
+            outcomes = each(operations, lambda operation: operation[0](db, *operation[1]))
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        return outcomes
+
+    def _insert(self, db: sqlite3.Connection, r: StateRecord) -> None:
+        db.execute(
+            f"INSERT OR REPLACE INTO uows ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.uow,
+                r.key,
+                r.route,
+                r.state.value,
+                r.status,
+                json.dumps(r.report) if r.report is not None else None,
+                r.idempotencyKey,
+                r.payloadHash,
+                r.at,
+            ),
+        )
+        if r.state is FinalState.stored:
+            db.execute(
+                "INSERT INTO keys (key, uow) VALUES (?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET uow = max(uow, excluded.uow)",
+                (r.key, r.uow),
+            )
 
     def get(self, uowId: int) -> Deferred[StateRecord | None]:
         """

@@ -394,8 +394,8 @@ class StateStoreTests(SynchronousTestCase):
 
         store = StateStore(Path(self.mktemp()), held)
         store.open()
-        realWrite = store._write
-        store._write = lambda records: (writes.append(len(records)), realWrite(records))[1]  # type: ignore[method-assign]
+        realBatch = store._runBatch
+        store._group._runBatch = lambda operations: (writes.append(len(operations)), realBatch(operations))[1]  # type: ignore[method-assign]
         record = lambda n: StateRecord(n, "/k", "/k", FinalState.stored, 200, None, None, None, 0.0)  # noqa: E731
         done = [store.record(record(n)) for n in range(1, 5)]
         self.assertEqual(len(calls), 1)
@@ -407,6 +407,7 @@ class StateStoreTests(SynchronousTestCase):
             self.successResultOf(d)
         self.assertEqual(writes, [1, 3])
         store._blocking = inline
+        self.assertEqual(len(calls), 2)
         self.assertEqual(self.successResultOf(store.lastStored("/k")), 4)
 
 

@@ -51,6 +51,13 @@ _MAX_SEGMENT = 120
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
 
 
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def encodeSegment(segment: str) -> str:
     """
     A key segment as a file name that is always safe and never special.
@@ -260,7 +267,11 @@ class FilesystemStash:
         return self._blocking(self._commit, uow)
 
     def _commit(self, uow: UnitOfWork) -> None:
-        removeDurably(self._rolledBack / str(uow.id))
+        # Nothing here needs an fsync: the write is already durable, and an
+        # undo record or old version that a crash brings back is only
+        # clutter (a replay finds the write in place, and no rollback is
+        # sent after a commit).
+        _unlink(self._rolledBack / str(uow.id))
         undo = self._readUndo(uow.id)
         if undo is None:
             return
@@ -268,7 +279,7 @@ class FilesystemStash:
         current = self._current(pointer)
         if undo["before"] is not None and (current is None or current[0] != undo["before"]):
             self._removeVersion(pointer.parent, undo["before"])
-        removeDurably(self._undoPath(uow.id))
+        _unlink(self._undoPath(uow.id))
 
     def read(self, key: str) -> Deferred[Document | None]:
         return self._blocking(self._read, key)

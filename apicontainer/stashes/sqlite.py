@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
+from ..groupcommit import GroupCommit, Operation, Outcome, each
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
@@ -34,7 +35,9 @@ class SQLiteStash:
     Documents in one SQLite table, with an undo table beside it.
 
     One connection, used by one call at a time through a serial runner, so
-    transactions never interleave.
+    transactions never interleave. Operations of concurrent UOWs share one
+    transaction and one fsync (group commit), each in a savepoint of its
+    own, so that one UOW's failure leaves the others' writes whole.
     """
 
     log = Logger()
@@ -46,6 +49,7 @@ class SQLiteStash:
         self.table = table
         self._blocking = blocking
         self._connection: sqlite3.Connection | None = None
+        self._group = GroupCommit(blocking, self._runBatch)
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> SQLiteStash:
@@ -111,17 +115,34 @@ class SQLiteStash:
             )
             return Verdict.failed(503, f"sqlite: {reason.value}")
 
-        return self._blocking(self._inTransaction, self._tables.stash, uow, uow.body, uow.contentType).addErrback(failed)
+        return self._inTransaction(self._tables.stash, uow, uow.body, uow.contentType).addErrback(failed)
 
-    def _inTransaction(self, operation: Callable[..., T], *args: Any) -> T:
+    def _inTransaction(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
+        return self._group.submit(operation, *args)
+
+    def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         with self._transaction() as db:
-            return operation(db.cursor(), *args)
+            cursor = db.cursor()
+
+            def run(operation: Operation) -> Any:
+                function, args = operation
+                cursor.execute("SAVEPOINT operation")
+                try:
+                    result = function(cursor, *args)
+                except BaseException:
+                    cursor.execute("ROLLBACK TO operation")
+                    cursor.execute("RELEASE operation")
+                    raise
+                cursor.execute("RELEASE operation")
+                return result
+
+            return each(operations, run)
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._blocking(self._inTransaction, self._tables.rollback, uow)
+        return self._inTransaction(self._tables.rollback, uow)
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._blocking(self._inTransaction, self._tables.commit, uow)
+        return self._inTransaction(self._tables.commit, uow)
 
     def probe(self) -> Deferred[None]:
         return self._blocking(lambda: self._db().execute("SELECT 1").fetchone() and None)
