@@ -70,7 +70,7 @@ def makeService(options: Options) -> IService:
         stashes = buildStashes(config, context)
     except ConfigError as e:
         _refuse(str(e))
-    container = Container(config, stashes, reactor, context.blocking)
+    container = Container(config, stashes, reactor, context.blocking, serial=pools.runner("state"))
     try:
         container.open()
     except (OSError, ValueError) as e:

@@ -312,11 +312,11 @@ class CrashMidWriteTests(SynchronousTestCase):
         """
         stash = FilesystemStash("files", Path(self.mktemp()), inline)
         self.successResultOf(stash.start())
-        real = stash._point
-        stash._point = lambda pointer, target: (_ for _ in ()).throw(OSError("killed"))  # type: ignore[method-assign]
-        self.successResultOf(stash.stash(uow(1, body=b"one")))
+        real = stash._link
+        stash._link = lambda pointer, target: (_ for _ in ()).throw(OSError("killed"))  # type: ignore[method-assign]
+        self.assertEqual(self.successResultOf(stash.stash(uow(1, body=b"one"))).status, 503)
         self.flushLoggedErrors()
-        stash._point = real  # type: ignore[method-assign]
+        stash._link = real  # type: ignore[method-assign]
         self.assertIsNone(self.successResultOf(stash.read("/items/1")))
         verdict = self.successResultOf(stash.stash(uow(1, body=b"one")))
         self.assertEqual(verdict.kind, VerdictKind.stored)

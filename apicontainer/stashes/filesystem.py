@@ -16,7 +16,8 @@ by a hash. No key can name a path outside C{root}.
 
 A write lands by writing and fsyncing the new version, recording the undo
 durably, then atomically replacing the C{.doc} symlink and fsyncing its
-directory. A deleted document is a symlink to a C{.d<uow>} name that does
+directory. Writes of concurrent UOWs go in batches (group commit): each file
+is fsynced on its own, but each directory once per step of the batch. A deleted document is a symlink to a C{.d<uow>} name that does
 not exist, so that an older UOW can never bring it back.
 """
 
@@ -27,14 +28,17 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
+from ..groupcommit import GroupCommit, Operation, Outcome
 from ..durable import (
     fsyncDirectory,
     makeDirectories,
@@ -83,6 +87,10 @@ class FilesystemStash:
         self._blocking = blocking
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
+        self._group = GroupCommit(blocking, self._runBatch)
+        self._unsynced: set[Path] = set()
+        self._swaps: list[tuple[Path, str, int]] = []
+        self._outcomes: list[Outcome] = []
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
@@ -156,7 +164,53 @@ class FilesystemStash:
             )
             return Verdict.failed(503, f"filesystem: {reason.value}")
 
-        return self._blocking(self._stash, uow, uow.body, uow.contentType).addErrback(failed)
+        return self._group.submit(self._stash, uow, uow.body, uow.contentType).addErrback(failed)
+
+    def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+        """
+        Run a batch: a stash's pointer swap waits for the end of the batch
+        (or for the next rollback or commit, which must see it), so that the
+        directories are fsynced once for all of them.
+        """
+        self._outcomes = []
+        try:
+            for function, args in operations:
+                if function != self._stash:
+                    self._swapPending()
+                try:
+                    self._outcomes.append((True, function(*args)))
+                except Exception:
+                    self._outcomes.append((False, Failure()))
+            self._swapPending()
+            return self._outcomes
+        finally:
+            self._unsynced, self._swaps, self._outcomes = set(), [], []
+
+    def _swapPending(self) -> None:
+        """
+        Make the pending versions and undo records durable (one fsync per
+        directory), swap their pointers, and make the swaps durable.
+        """
+        swaps, self._swaps = self._swaps, []
+        if not swaps:
+            return
+        try:
+            for directory in sorted(self._unsynced):
+                fsyncDirectory(directory)
+            self._unsynced.clear()
+            swapped = set()
+            for pointer, target, _ in swaps:
+                self._link(pointer, target)
+                swapped.add(pointer.parent)
+            for directory in sorted(swapped):
+                fsyncDirectory(directory)
+        except OSError:
+            failure = Failure()
+            for _, _, index in swaps:
+                self._outcomes[index] = (False, failure)
+
+    def _swapLater(self, pointer: Path, target: str) -> None:
+        self._swaps.append((pointer, target, len(self._outcomes)))
 
     def _stash(self, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
@@ -171,7 +225,7 @@ class FilesystemStash:
                 # A crash came between recording the undo and swapping the
                 # pointer: finish the write.
                 self._writeVersion(pointer, undo["target"], body, contentType)
-                self._point(pointer, undo["target"])
+                self._swapLater(pointer, undo["target"])
                 return Verdict.stored(detail="completed after a crash")
             return Verdict.stored(detail="already stored")
         if current is not None and current[1] >= uow.id:
@@ -188,8 +242,9 @@ class FilesystemStash:
             "before": current[0] if current else None,
             "target": target,
         }
-        writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()])
-        self._point(pointer, target)
+        writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()], syncDirectory=False)
+        self._unsynced.add(self._undo)
+        self._swapLater(pointer, target)
         return Verdict.stored(status=200)
 
     def _writeVersion(self, pointer: Path, target: str, body: bytes, contentType: str | None) -> None:
@@ -205,7 +260,7 @@ class FilesystemStash:
             writeAtomically(
                 pointer.with_name(target + ".type"), [contentType.encode("utf-8")], syncDirectory=False
             )
-        fsyncDirectory(pointer.parent)
+        self._unsynced.add(pointer.parent)
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """
@@ -215,6 +270,13 @@ class FilesystemStash:
         if target is None:
             removeDurably(pointer)
             return
+        self._link(pointer, target)
+        fsyncDirectory(pointer.parent)
+
+    def _link(self, pointer: Path, target: str) -> None:
+        """
+        Make C{pointer} link to C{target}, atomically (not yet durably).
+        """
         temporary = pointer.with_name(f".tmp-{pointer.name}")
         try:
             os.unlink(temporary)
@@ -222,7 +284,6 @@ class FilesystemStash:
             pass
         os.symlink(target, temporary)
         os.rename(temporary, pointer)
-        fsyncDirectory(pointer.parent)
 
     def _removeVersion(self, directory: Path, target: str | None) -> None:
         if target is None or target.split(".")[-1].startswith("d"):
@@ -234,7 +295,7 @@ class FilesystemStash:
                 pass
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._blocking(self._rollback, uow)
+        return self._group.submit(self._rollback, uow)
 
     def _rollback(self, uow: UnitOfWork) -> None:
         undo = self._readUndo(uow.id)
@@ -264,7 +325,7 @@ class FilesystemStash:
                 writeAtomically(path, [json.dumps(later).encode()])
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._blocking(self._commit, uow)
+        return self._group.submit(self._commit, uow)
 
     def _commit(self, uow: UnitOfWork) -> None:
         # Nothing here needs an fsync: the write is already durable, and an
