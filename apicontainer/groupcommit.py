@@ -51,6 +51,9 @@ class GroupCommit:
         self._running = True
 
         def settled(outcomes: Any) -> None:
+            # Callbacks below may submit more work, which then starts the
+            # next batch at once; the check at the end must not start a
+            # second one beside it.
             self._running = False
             if isinstance(outcomes, Failure):
                 for _, done in batch:
@@ -61,7 +64,7 @@ class GroupCommit:
                         done.callback(value)
                     else:
                         done.errback(value)
-            if self._pending:
+            if self._pending and not self._running:
                 self._next()
 
         self._blocking(self._runBatch, [operation for operation, _ in batch]).addBoth(settled)

@@ -444,3 +444,42 @@ class ShutdownTests(HarnessTestCase):
         again = MemoryStash("a")
         self.reopen(again)
         self.assertEqual(again.bodies(), {"/items/1": b"x"})
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """
+    GroupCommit runs one batch at a time, also when callbacks submit more.
+    """
+
+    def test_reentrantSubmitStartsOneBatch(self) -> None:
+        """
+        Work submitted from a callback of a finished batch starts the next
+        batch, and no second batch runs beside it.
+        """
+        from apicontainer.groupcommit import GroupCommit, each
+
+        running: list[Deferred[None]] = []
+        batches: list[int] = []
+        overlaps: list[int] = []
+
+        def held(f, *args):  # type: ignore[no-untyped-def]
+            if any(not d.called for d in running):
+                overlaps.append(len(running))
+            waiting: Deferred[None] = Deferred()
+            running.append(waiting)
+            return waiting.addCallback(lambda _: f(*args))
+
+        def runBatch(operations):  # type: ignore[no-untyped-def]
+            batches.append(len(operations))
+            return each(operations, lambda operation: operation[0](*operation[1]))
+
+        group = GroupCommit(held, runBatch)
+        group.submit(lambda: 0)
+        first, second = group.submit(lambda: 1), group.submit(lambda: 2)
+        first.addCallback(lambda _: group.submit(lambda: 3))
+        second.addCallback(lambda _: group.submit(lambda: 4))
+        for index in range(3):
+            running[index].callback(None)
+        self.assertEqual((batches, overlaps), ([1, 2, 1], []))
+        running[3].callback(None)
+        self.assertEqual((batches, overlaps), ([1, 2, 1, 1], []))

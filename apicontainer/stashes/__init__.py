@@ -9,8 +9,11 @@ from typing import Any, Callable
 
 from attrs import frozen
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..blocking import Blocking
+from ..uow import UnitOfWork, Verdict
 
 
 @frozen
@@ -40,3 +43,28 @@ class StashContext:
         Resolve a path option against the data directory.
         """
         return self.dataDir / value
+
+
+_log = Logger(namespace="apicontainer.stashes")
+
+
+def unavailable(
+    stash: Any, uow: UnitOfWork, *errors: type[BaseException]
+) -> Callable[[Failure], Verdict]:
+    """
+    An errback for a stash call: one of C{errors} means the destination is
+    down or broken, a 503 verdict (logged as a warning, the UOW is retried);
+    anything else goes on as a failure (a 500 verdict).
+    """
+
+    def verdict(reason: Failure) -> Verdict:
+        reason.trap(*errors)
+        _log.warn(
+            "stash {stash} could not store UOW {uow}: {error}",
+            stash=stash.name,
+            uow=uow.id,
+            error=str(reason.value).strip() or type(reason.value).__name__,
+        )
+        return Verdict.failed(503, f"{type(stash).__name__}: {type(reason.value).__name__}: {reason.value}".strip())
+
+    return verdict

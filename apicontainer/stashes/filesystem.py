@@ -48,7 +48,7 @@ from ..durable import (
 )
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
-from . import StashContext
+from . import StashContext, unavailable
 
 _SAFE = "-_"
 _MAX_SEGMENT = 120
@@ -154,17 +154,7 @@ class FilesystemStash:
             return 0
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        def failed(reason):  # type: ignore[no-untyped-def]
-            reason.trap(OSError)
-            self.log.warn(
-                "stash {stash} could not store UOW {uow}: {error}",
-                stash=self.name,
-                uow=uow.id,
-                error=str(reason.value),
-            )
-            return Verdict.failed(503, f"filesystem: {reason.value}")
-
-        return self._group.submit(self._stash, uow, uow.body, uow.contentType).addErrback(failed)
+        return self._group.submit(self._stash, uow, uow.body, uow.contentType).addErrback(unavailable(self, uow, OSError))
 
     def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         """

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from ..config import StashSpec
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
-from . import StashContext
+from . import StashContext, unavailable
 from .sqldocuments import DocumentTables, checkTableName
 
 T = TypeVar("T")
@@ -124,17 +124,9 @@ class PostgresStash:
         return self._pool.runInteraction(interaction).addCallback(created)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        def failed(reason):  # type: ignore[no-untyped-def]
-            reason.trap(*_unavailable())
-            self.log.warn(
-                "stash {stash} could not store UOW {uow}: {error}",
-                stash=self.name,
-                uow=uow.id,
-                error=str(reason.value).strip(),
-            )
-            return Verdict.failed(503, f"postgres: {type(reason.value).__name__}")
-
-        return self._run(self._tables.stash, uow, uow.body, uow.contentType).addErrback(failed)
+        return self._run(self._tables.stash, uow, uow.body, uow.contentType).addErrback(
+            unavailable(self, uow, *_unavailable())
+        )
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
         return self._run(self._tables.rollback, uow)

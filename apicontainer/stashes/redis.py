@@ -29,7 +29,7 @@ from zope.interface import implementer
 from ..config import StashSpec
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
-from . import StashContext
+from . import StashContext, unavailable
 
 STASH = r"""
 local u = redis.call('HMGET', KEYS[2], 'attempt', 'state')
@@ -237,16 +237,9 @@ class RedisStash:
                 return Verdict.declined(detail)
             return Verdict.stored(detail=detail)
 
-        def failed(reason):  # type: ignore[no-untyped-def]
-            self.log.warn(
-                "stash {stash} could not store UOW {uow}: {error}",
-                stash=self.name,
-                uow=uow.id,
-                error=str(reason.value),
-            )
-            return Verdict.failed(503, f"redis: {type(reason.value).__name__}")
-
-        return self._client().eval(STASH, self._keys(uow), arguments).addCallbacks(verdict, failed)  # type: ignore[no-any-return]
+        return self._client().eval(STASH, self._keys(uow), arguments).addCallbacks(  # type: ignore[no-any-return]
+            verdict, unavailable(self, uow, Exception)
+        )
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
         arguments = [str(uow.id), str(uow.attempt), uow.key, self.prefix]

@@ -23,7 +23,7 @@ from ..config import StashSpec
 from ..groupcommit import GroupCommit, Operation, Outcome, each
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
-from . import StashContext
+from . import StashContext, unavailable
 from .sqldocuments import DocumentTables, checkTableName
 
 T = TypeVar("T")
@@ -105,17 +105,7 @@ class SQLiteStash:
         connection.execute("COMMIT")
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        def failed(reason):  # type: ignore[no-untyped-def]
-            reason.trap(sqlite3.Error, OSError)
-            self.log.warn(
-                "stash {stash} could not store UOW {uow}: {error}",
-                stash=self.name,
-                uow=uow.id,
-                error=str(reason.value),
-            )
-            return Verdict.failed(503, f"sqlite: {reason.value}")
-
-        return self._inTransaction(self._tables.stash, uow, uow.body, uow.contentType).addErrback(failed)
+        return self._inTransaction(self._tables.stash, uow, uow.body, uow.contentType).addErrback(unavailable(self, uow, sqlite3.Error, OSError))
 
     def _inTransaction(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._group.submit(operation, *args)
