@@ -8,9 +8,10 @@ L{apicontainer.blocking.Blocking} runner.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 def fsyncDirectory(directory: Path) -> None:
@@ -24,13 +25,51 @@ def fsyncDirectory(directory: Path) -> None:
         os.close(fd)
 
 
-def writeAtomically(path: Path, chunks: Iterable[bytes], syncDirectory: bool = True) -> None:
+def _loadSyncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _loadSyncfs()
+
+
+def syncFilesystem(path: Path) -> None:
+    """
+    Make everything written to the file system that holds C{path} durable:
+    file contents, creations, renames and removals, all with one journal
+    commit (Linux C{syncfs}). The group commit of a batch of files: far
+    cheaper than an fsync of each file and directory.
+
+    @raise OSError: The file system reported a write-back error.
+    """
+    if _syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
+def writeAtomically(
+    path: Path, chunks: Iterable[bytes], syncDirectory: bool = True, sync: bool = True
+) -> None:
     """
     Replace C{path} with C{chunks}, durably: after a crash the file holds
     either its old content or all of the new, never part of it.
 
     On any error the temporary file is removed and the error raised;
     C{path} is then unchanged.
+
+    @param sync: When false, neither the file nor its directory is fsynced:
+        the caller makes it durable with L{syncFilesystem} before relying on
+        it, together with the other files of its batch.
     """
     temporary = path.with_name(f".tmp-{path.name}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
@@ -40,7 +79,8 @@ def writeAtomically(path: Path, chunks: Iterable[bytes], syncDirectory: bool = T
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temporary, path)
@@ -50,7 +90,7 @@ def writeAtomically(path: Path, chunks: Iterable[bytes], syncDirectory: bool = T
         except FileNotFoundError:
             pass
         raise
-    if syncDirectory:
+    if syncDirectory and sync:
         fsyncDirectory(path.parent)
 
 

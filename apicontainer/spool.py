@@ -30,7 +30,13 @@ from twisted.logger import Logger
 
 from .blocking import Blocking
 from .groupcommit import GroupCommit, Operation, Outcome, each
-from .durable import fsyncDirectory, makeDirectories, removeTemporaries, writeAtomically
+from .durable import (
+    fsyncDirectory,
+    makeDirectories,
+    removeTemporaries,
+    syncFilesystem,
+    writeAtomically,
+)
 from .uow import UnitOfWork
 
 MAGIC = b"ACSPOOL1"
@@ -182,9 +188,10 @@ class Spool:
         """
         Record C{uow} durably.
 
-        Writes that arrive together share one thread-pool hop and one fsync
-        of the directory (group commit); each file is fsynced before it is
-        renamed into place.
+        Writes that arrive together share one thread-pool hop and one
+        C{syncfs} (group commit): every file is written and renamed into
+        place, then the file system is synced once for all of them, before
+        any of them is acknowledged.
 
         @return: A Deferred that fires with L{None} once the file and its
             directory entry are fsynced, or fails with L{SpoolFull} or
@@ -195,7 +202,7 @@ class Spool:
     def _write(self, uow: UnitOfWork) -> Path:
         path = self.path(uow.id)
         try:
-            writeAtomically(path, encode(uow), syncDirectory=False)
+            writeAtomically(path, encode(uow), sync=False)
         except OSError as e:
             raise _spoolError(e) from e
         return path
@@ -205,7 +212,7 @@ class Spool:
         written = [path for ok, path in outcomes if ok]
         if written:
             try:
-                fsyncDirectory(self.directory)
+                syncFilesystem(self.directory)
             except OSError as e:
                 # Not durable, so not trusted: the requests are refused and
                 # their files must not be replayed.

@@ -384,11 +384,11 @@ class IngressRefusalTests(PipelineTestCase):
 
     def test_fsyncErrorIsNever2xx(self) -> None:
         """
-        EIO from fsync while spooling is a 500, and nothing is spooled.
+        EIO from the sync while spooling is a 500, and nothing is spooled.
         """
         a = MemoryStash("a")
         h = self.build(a)
-        with mock.patch("apicontainer.durable.os.fsync", side_effect=OSError(errno.EIO, "Input/output error")):
+        with mock.patch("apicontainer.spool.syncFilesystem", side_effect=OSError(errno.EIO, "Input/output error")):
             response = h.request("PUT", "/items/1", b"x")
         self.assertRefused(response, 500, "spool_failed")
         self.assertEqual(a.calls, [])

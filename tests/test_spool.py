@@ -88,23 +88,26 @@ class SpoolTests(SynchronousTestCase):
 
     def test_writeIsDurable(self) -> None:
         """
-        The file is fsynced before it is renamed into place, and then the
-        directory is fsynced; no temporary file is left.
+        The file is written and renamed into place, then the file system is
+        synced, before the write is acknowledged; no temporary file is left.
         """
-        events: list[str] = []
-        realFsync, realRename = os.fsync, os.rename
+        from apicontainer import spool as spoolModule
 
-        def fsync(fd: int) -> None:
-            events.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
-            realFsync(fd)
+        events: list[str] = []
+        realSync, realRename = spoolModule.syncFilesystem, os.rename
+
+        def sync(path: Path) -> None:
+            events.append("syncfs")
+            realSync(path)
 
         def rename(a: object, b: object) -> None:
             events.append("rename")
             realRename(a, b)  # type: ignore[arg-type]
 
-        with mock.patch.object(durable.os, "fsync", fsync), mock.patch.object(durable.os, "rename", rename):
-            self.successResultOf(self.spool.write(sample()))
-        self.assertEqual(events, ["fsync-file", "rename", "fsync-dir"])
+        with mock.patch.object(spoolModule, "syncFilesystem", sync), mock.patch.object(durable.os, "rename", rename):
+            written = self.spool.write(sample())
+        self.assertEqual(events, ["rename", "syncfs"])
+        self.successResultOf(written)
         self.assertEqual(os.listdir(self.spool.directory), ["00000000000000000007.uow"])
         self.assertEqual(self.successResultOf(self.spool.load(7)), sample())
         self.assertEqual(self.spool.pending(), [7])
@@ -115,10 +118,15 @@ class SpoolTests(SynchronousTestCase):
         """
         import errno
 
+        from apicontainer import spool as spoolModule
+
         for code, error in ((errno.ENOSPC, SpoolFull), (errno.EIO, SpoolError)):
             with mock.patch.object(durable.os, "write", side_effect=OSError(code, os.strerror(code))):
                 self.failureResultOf(self.spool.write(sample()), error)
             self.assertEqual(os.listdir(self.spool.directory), [])
+        with mock.patch.object(spoolModule, "syncFilesystem", side_effect=OSError(errno.EIO, "EIO")):
+            self.failureResultOf(self.spool.write(sample()), SpoolError)
+        self.assertEqual(os.listdir(self.spool.directory), [], "a file whose sync failed is not trusted")
 
     def test_deleteAndQuarantine(self) -> None:
         """

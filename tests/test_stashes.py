@@ -351,9 +351,9 @@ class FileFaultTests(SynchronousTestCase):
 
     def test_ioErrorsChangeNothing(self) -> None:
         """
-        EIO from fsync and ENOSPC from write, each at every durable step of a
-        write, give a 503 verdict; the previous version stays readable and a
-        later write works.
+        EIO from the file system sync, and EIO from fsync or ENOSPC from
+        write at every durable step of a write, give a 503 verdict; the
+        previous version stays readable and a later write works.
         """
         import errno
         from unittest import mock
@@ -365,6 +365,13 @@ class FileFaultTests(SynchronousTestCase):
         self.successResultOf(stash.stash(uow(1, body=b"one")))
         self.successResultOf(stash.commit(uow(1, body=b"one")))
         nextId = 2
+        from apicontainer.stashes import filesystem as filesystemModule
+
+        with mock.patch.object(filesystemModule, "syncFilesystem", side_effect=OSError(errno.EIO, "EIO")):
+            verdict = self.successResultOf(stash.stash(uow(50, body=b"bad")))
+        self.assertEqual(verdict.status, 503)
+        self.successResultOf(stash.rollback(uow(50, body=b"bad")))
+        self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"one")
         for target, code in (("fsync", errno.EIO), ("write", errno.ENOSPC)):
             for failAt in range(1, 6):
                 calls = {"n": 0}

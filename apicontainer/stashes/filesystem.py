@@ -16,8 +16,9 @@ by a hash. No key can name a path outside C{root}.
 
 A write lands by writing and fsyncing the new version, recording the undo
 durably, then atomically replacing the C{.doc} symlink and fsyncing its
-directory. Writes of concurrent UOWs go in batches (group commit): each file
-is fsynced on its own, but each directory once per step of the batch. A deleted document is a symlink to a C{.d<uow>} name that does
+directory. Writes of concurrent UOWs go in batches (group commit): the
+versions and undo records of a batch are made durable by one C{syncfs},
+and the pointer swaps by another. A deleted document is a symlink to a C{.d<uow>} name that does
 not exist, so that an older UOW can never bring it back.
 """
 
@@ -44,6 +45,7 @@ from ..durable import (
     makeDirectories,
     removeDurably,
     removeTemporaries,
+    syncFilesystem,
     writeAtomically,
 )
 from ..interfaces import IProbe, IReader, IStartable, IStash
@@ -88,7 +90,6 @@ class FilesystemStash:
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
         self._group = GroupCommit(blocking, self._runBatch)
-        self._unsynced: set[Path] = set()
         self._swaps: list[tuple[Path, str, int]] = []
         self._outcomes: list[Outcome] = []
 
@@ -174,26 +175,21 @@ class FilesystemStash:
             self._swapPending()
             return self._outcomes
         finally:
-            self._unsynced, self._swaps, self._outcomes = set(), [], []
+            self._swaps, self._outcomes = [], []
 
     def _swapPending(self) -> None:
         """
-        Make the pending versions and undo records durable (one fsync per
-        directory), swap their pointers, and make the swaps durable.
+        Make the pending versions and undo records durable (one syncfs for
+        all), swap their pointers, and make the swaps durable (another).
         """
         swaps, self._swaps = self._swaps, []
         if not swaps:
             return
         try:
-            for directory in sorted(self._unsynced):
-                fsyncDirectory(directory)
-            self._unsynced.clear()
-            swapped = set()
+            syncFilesystem(self.root)
             for pointer, target, _ in swaps:
                 self._link(pointer, target)
-                swapped.add(pointer.parent)
-            for directory in sorted(swapped):
-                fsyncDirectory(directory)
+            syncFilesystem(self.root)
         except OSError:
             failure = Failure()
             for _, _, index in swaps:
@@ -232,8 +228,7 @@ class FilesystemStash:
             "before": current[0] if current else None,
             "target": target,
         }
-        writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()], syncDirectory=False)
-        self._unsynced.add(self._undo)
+        writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()], sync=False)
         self._swapLater(pointer, target)
         return Verdict.stored(status=200)
 
@@ -245,12 +240,9 @@ class FilesystemStash:
         makeDirectories(pointer.parent)
         if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
             return
-        writeAtomically(pointer.with_name(target), [body], syncDirectory=False)
+        writeAtomically(pointer.with_name(target), [body], sync=False)
         if contentType:
-            writeAtomically(
-                pointer.with_name(target + ".type"), [contentType.encode("utf-8")], syncDirectory=False
-            )
-        self._unsynced.add(pointer.parent)
+            writeAtomically(pointer.with_name(target + ".type"), [contentType.encode("utf-8")], sync=False)
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """
