@@ -22,7 +22,7 @@ from ..config import StashSpec
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
-from .sqldocuments import DocumentTables, checkTableName
+from .sqldocuments import DocumentTables, tableOption
 
 T = TypeVar("T")
 
@@ -68,11 +68,7 @@ class PostgresStash:
         connection pool.
         """
         dsn = spec.options.string("dsn")
-        table = spec.options.string("table", "documents")
-        try:
-            checkTableName(table)
-        except ValueError as e:
-            raise spec.options.error("table", str(e)) from None
+        table = tableOption(spec.options)
         try:
             import psycopg.conninfo
 

@@ -31,6 +31,20 @@ def checkTableName(table: str) -> str:
     return table
 
 
+def tableOption(options: Any) -> str:
+    """
+    The C{table} option of a stash's config section (default C{documents}),
+    checked.
+
+    @raise apicontainer.config.ConfigError: It is not a plain identifier.
+    """
+    table: str = options.string("table", "documents")
+    try:
+        return checkTableName(table)
+    except ValueError as e:
+        raise options.error("table", str(e)) from None
+
+
 class DocumentTables:
     """
     The documents table C{table} and its undo table C{table_undo}.

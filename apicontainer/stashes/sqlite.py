@@ -24,7 +24,7 @@ from ..groupcommit import GroupCommit, Operation, Outcome, each
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
-from .sqldocuments import DocumentTables, checkTableName
+from .sqldocuments import DocumentTables, tableOption
 
 T = TypeVar("T")
 
@@ -58,11 +58,7 @@ class SQLiteStash:
         directory) and C{table} (default C{documents}).
         """
         path = spec.options.string("path")
-        table = spec.options.string("table", "documents")
-        try:
-            checkTableName(table)
-        except ValueError as e:
-            raise spec.options.error("table", str(e)) from None
+        table = tableOption(spec.options)
         return cls(spec.name, context.path(path), context.serial(spec.name), table)
 
     def start(self) -> Deferred[None]:
