@@ -133,6 +133,48 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
     }
 
 
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def soak(minutes: float) -> None:
+    """
+    Run c=32, 1 KiB, 2 stashes for C{minutes}, and print the server's RSS
+    every 30 s and its growth from minute 1 to the end.
+    """
+    with tempfile.TemporaryDirectory(prefix="apicontainer-soak-") as work:
+        data = Path(work)
+        port, admin = freePort(), freePort()
+        (data / "config.yaml").write_text(config(port, admin, data / "var", 2, False))
+        process = subprocess.Popen([TWIST, "apicontainer", "--config", str(data / "config.yaml")], cwd=data,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            waitFor(port)
+            env = dict(os.environ, BODY_BYTES="1024", FAIL_EVERY="0")
+            load = subprocess.Popen(["wrk", "-t", "2", "-c", "32", "-d", f"{int(minutes * 60)}s", "-s",
+                                     str(HERE / "unique.lua"), f"http://127.0.0.1:{port}/"],
+                                    env=env, stdout=subprocess.PIPE, text=True)
+            samples = []
+            started = time.monotonic()
+            while load.poll() is None:
+                time.sleep(30)
+                samples.append((time.monotonic() - started, rss(process.pid)))
+                print(f"{samples[-1][0] / 60:.1f} min: RSS {samples[-1][1] / 2**20:.1f} MiB", flush=True)
+            out = load.communicate()[0]
+            rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+            atOne = next(value for at, value in samples if at >= 60)
+            last = samples[-1][1]
+            print(f"soak: {minutes:g} min at c=32, {rate[1] if rate else '?'} req/s;"
+                  f" RSS at minute 1 {atOne / 2**20:.1f} MiB, at the end {last / 2**20:.1f} MiB,"
+                  f" growth {100 * (last - atOne) / atOne:+.1f}%")
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
 def cases(quick: bool) -> list[tuple[int, int, int, bool]]:
     if quick:
         return [(16, 1024, 2, False)]
@@ -161,9 +203,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one short case: checks that the harness works")
     parser.add_argument("--seconds", type=float, default=None, help="per case (default 8, quick 2)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", help="instead: a sustained run, RSS over time")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
+    if args.soak:
+        soak(args.soak)
+        return
     seconds = args.seconds or (2.0 if args.quick else 8.0)
     baselines: dict[tuple[int, int], dict[str, Any]] = {}
     results = []

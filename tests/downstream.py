@@ -17,8 +17,9 @@ class Downstream(Resource):
 
     @ivar mode: C{None} (normal), an int (answer every write with that
         status), C{"hang"} (never answer writes), C{"drop"} (close the
-        connection on writes) or C{"late"} (apply and answer writes after
-        C{lateBy} seconds, on C{clock}).
+        connection on writes), C{"late"} (apply and answer writes after
+        C{lateBy} seconds, on C{clock}) or C{"trickle"} (answer writes one
+        byte every C{lateBy} seconds).
     @ivar requests: Every request, as C{(method, path, Idempotency-Key)}.
     """
 
@@ -58,6 +59,22 @@ class Downstream(Resource):
                     request.finish()
 
             self.clock.callLater(self.lateBy, late)
+            return NOT_DONE_YET
+        if self.mode == "trickle":
+            request.setHeader(b"content-length", b"20")
+            remaining = [20]
+
+            def drip() -> None:
+                if request._disconnected or not remaining[0]:
+                    return
+                request.write(b"x")
+                remaining[0] -= 1
+                if remaining[0]:
+                    self.clock.callLater(self.lateBy, drip)
+                else:
+                    request.finish()
+
+            drip()
             return NOT_DONE_YET
         if isinstance(self.mode, int):
             request.setResponseCode(self.mode)

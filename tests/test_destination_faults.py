@@ -119,3 +119,28 @@ async def test_downstreamAnswersAfterTimeout(tmp_path: Path) -> None:
         await stash.stop()
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_downstreamTrickles(tmp_path: Path) -> None:
+    """
+    A downstream that answers a byte at a time, slower than the timeout:
+    the verdict is 504, and the stash works again when it is healthy.
+    """
+    downstream = Downstream()
+    downstream.clock = reactor
+    downstream.lateBy = 0.2
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(downstream))
+    try:
+        stash = HTTPStash("api", f"http://127.0.0.1:{port.getHost().port}", tmp_path / "undo.sqlite3", inline)
+        await stash.start()
+        downstream.mode = "trickle"
+        worker = StashWorker(stash, reactor, concurrency=1, timeout=1.0)
+        verdict = await worker.call(contractUOW(1, b"x"))
+        assert (verdict.kind, verdict.status) == (VerdictKind.failed, 504)
+        await stash.rollback(contractUOW(1, b"x"))
+        downstream.mode = None
+        assert (await worker.call(contractUOW(2, b"y", key="/items/2"))).kind is VerdictKind.stored
+        await stash.stop()
+    finally:
+        await port.stopListening()
