@@ -57,10 +57,12 @@ class UOWRecord:
 class UOWRecords:
     """
     The states of the UOWs under way and of the last C{keep} finished ones,
-    in memory.
+    in memory. Older final states are in the state store; this is only the
+    fast path for what operators look at right after it happened, and a cap
+    on memory.
     """
 
-    def __init__(self, keep: int = 10000) -> None:
+    def __init__(self, keep: int = 1000) -> None:
         self._keep = keep
         self._active: dict[int, UOWRecord] = {}
         self._finished: OrderedDict[int, UOWRecord] = OrderedDict()
