@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet import defer, error
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -284,11 +284,14 @@ class Container:
         for name in changes["removed"]:
             self.startFailures.pop(name, None)
 
+        def stopFailed(reason: Any, name: str) -> None:
+            self.log.failure("stash {stash} failed to stop after a reload", reason, stash=name)
+
         def retire(_: object) -> None:
             for worker, stash in retired:
                 worker.stop()
                 if IStartable.providedBy(stash):
-                    stash.stop()
+                    maybeDeferred(stash.stop).addErrback(stopFailed, stash.name)
 
         DeferredList(underway, consumeErrors=True).addCallback(retire)
         self.log.info(
