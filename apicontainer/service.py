@@ -116,8 +116,13 @@ class ContainerService(Service):
         )
 
     def _hangup(self, signum: int, frame: Any) -> None:
+        def failed(reason: Any) -> None:
+            # A wrong configuration is logged by reload itself.
+            if not reason.check(ConfigError):
+                self.log.failure("reload on SIGHUP failed", reason)
+
         def reload() -> None:
-            Deferred.fromCoroutine(self.reload()).addErrback(lambda failure: None)
+            Deferred.fromCoroutine(self.reload()).addErrback(failed)
 
         self._reactor.callFromThread(reload)
 
