@@ -49,6 +49,7 @@ class UnitOfWork:
     _parts: dict[str, Part | None] = field(
         default=Factory(dict), eq=False, repr=False, alias="_parts"
     )
+    _digest: str | None = field(default=None, eq=False, repr=False, alias="_digest")
 
     @property
     def isRetry(self) -> bool:
@@ -61,14 +62,18 @@ class UnitOfWork:
         """
         A digest of what the request asks for (method, key, content type and
         body), to tell a repeat of it from another request under the same
-        C{Idempotency-Key}.
+        C{Idempotency-Key}. Computed once per UOW: a copy with another body
+        must be made with C{_digest=None}.
         """
+        if self._digest is not None:
+            return self._digest
         digest = hashlib.sha256()
         for part in (self.method, self.key, self.contentType or ""):
             encoded = part.encode("utf-8", "surrogateescape")
             digest.update(b"%d:%s" % (len(encoded), encoded))
         digest.update(self.body)
-        return digest.hexdigest()
+        self._digest = digest.hexdigest()
+        return self._digest
 
     @property
     def isDelete(self) -> bool:

@@ -114,7 +114,7 @@ class StashWorker:
                 return Verdict.failed(400, str(e))
             if found is None:
                 return Verdict.declined(f"no part named {self.part!r}")
-            uow = evolve(uow, body=found.body, contentType=found.contentType, _parts={})
+            uow = evolve(uow, body=found.body, contentType=found.contentType, _parts={}, _digest=None)
         attempt = maybeDeferred(self.stash.stash, uow)
         attempt.addTimeout(self.timeout, self._clock)
         try:
