@@ -155,7 +155,7 @@ class AdminAPI:
         return jsonResponse(
             request,
             200,
-            describe(container.config, container.ingressSecured, self.tokens is not None),
+            describe(container.config, container.config.tokensFile is not None, self.tokens is not None),
         )
 
     @app.route("/metrics", methods=["GET"])
@@ -262,17 +262,7 @@ class AdminAPI:
         except (CorruptSpoolFile, FileNotFoundError):
             uow = None
         await container.states.record(
-            StateRecord(
-                uow=uowId,
-                key=entry.key,
-                route=entry.route,
-                state=FinalState.dropped,
-                status=entry.report.status,
-                report=entry.report.asRecord(),
-                idempotencyKey=uow.idempotencyKey if uow else None,
-                payloadHash=uow.payloadHash() if uow and uow.idempotencyKey else None,
-                at=container.clock.seconds(),
-            )
+            StateRecord.of(FinalState.dropped, entry.report, entry.route, container.clock.seconds(), uow)
         )
         if uow is not None:
             container.idempotency.release(uow)

@@ -128,7 +128,6 @@ class Container:
         self.retries: RetryEngine | None = None
         self.recovered = False
         self.startFailures: dict[str, str] = {}
-        self.ingressSecured = config.tokensFile is not None
         self._purge: LoopingCall | None = None
 
     def open(self) -> None:
@@ -280,7 +279,6 @@ class Container:
         }
         self.fanout.routing = Routing(self.workers, self.routes)
         self.failQueue.retry = config.retry
-        self.ingressSecured = config.tokensFile is not None
         for name in changes["removed"]:
             self.startFailures.pop(name, None)
 

@@ -250,19 +250,7 @@ class Fanout:
         the spool file. A crash in between leaves them for recovery, which
         sees the final state and only cleans up.
         """
-        await self._states.record(
-            StateRecord(
-                uow=uow.id,
-                key=uow.key,
-                route=uow.route,
-                state=state,
-                status=report.status,
-                report=report.asRecord(),
-                idempotencyKey=uow.idempotencyKey,
-                payloadHash=uow.payloadHash() if uow.idempotencyKey else None,
-                at=self._clock.seconds(),
-            )
-        )
+        await self._states.record(StateRecord.of(state, report, uow.route, self._clock.seconds(), uow))
         self._idempotency.release(uow)
         if self._failQueue.get(uow.id) is not None:
             await self._failQueue.drop(uow.id)

@@ -25,6 +25,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from .blocking import Blocking
+from .uow import Report, UnitOfWork
 from .groupcommit import GroupCommit, Operation, Outcome, each
 
 
@@ -61,6 +62,33 @@ class StateRecord:
     idempotencyKey: str | None
     payloadHash: str | None
     at: float
+
+    @classmethod
+    def of(
+        cls,
+        state: FinalState,
+        report: Report,
+        route: str,
+        at: float,
+        uow: UnitOfWork | None = None,
+    ) -> StateRecord:
+        """
+        The record of a UOW ending in C{state} with its last C{report}; with
+        the UOW (when its spool file could be read), also its
+        C{Idempotency-Key} and payload digest, so that repeats get answered.
+        """
+        key = uow.idempotencyKey if uow is not None else None
+        return cls(
+            uow=report.uow,
+            key=report.key,
+            route=route,
+            state=state,
+            status=report.status,
+            report=report.asRecord(),
+            idempotencyKey=key,
+            payloadHash=uow.payloadHash() if uow is not None and key else None,
+            at=at,
+        )
 
     def asJSON(self) -> dict[str, Any]:
         """
