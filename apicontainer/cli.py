@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-EX_REFUSED, EX_USAGE, EX_UNREACHABLE, EX_CONFIG = 1, 2, 3, 78
+EX_REFUSED, EX_UNREACHABLE, EX_CONFIG = 1, 3, 78
 
 
 class AdminError(Exception):

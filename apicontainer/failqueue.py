@@ -24,7 +24,7 @@ from .blocking import Blocking
 from .durable import makeDirectories, removeDurably, removeTemporaries, writeAtomically
 from .interfaces import IFailQueue
 from .spool import fileName
-from .uow import Outcome, Report
+from .uow import Report
 
 
 class FailedState(str, Enum):

@@ -26,21 +26,9 @@ from pathlib import Path
 
 from attrs import define, field
 
-from .conftest import RunningServer
+from .conftest import DEFAULT, RunningServer
 
-CONFIG = """\
-listen: "tcp:{port}:interface=127.0.0.1"
-admin_listen: "tcp:{admin}:interface=127.0.0.1"
-data_dir: {data}
-failqueue: {{retry: {{initial_s: 0.2, factor: 1, max_delay_s: 0.2, max_attempts: 1000}}}}
-stashes:
-  records: {{type: sqlite, path: records.sqlite3}}
-  files: {{type: filesystem, root: files}}
-routes:
-  - path: /items/<id>
-    stashes: [records, files]
-    read: [records]
-"""
+CONFIG = DEFAULT + "failqueue: {{retry: {{initial_s: 0.2, factor: 1, max_delay_s: 0.2, max_attempts: 1000}}}}\n"
 
 
 @define

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-import txredisapi
 
 from apicontainer.stashes.redis import RedisStash, parseURL
 from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings

@@ -5,7 +5,6 @@ records beside it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from unittest import mock
