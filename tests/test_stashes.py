@@ -150,6 +150,39 @@ class FilesystemStashTests(SynchronousTestCase):
         self.assertEqual(pointer.read_bytes(), b"hello")
         self.assertEqual((self.root / "items" / "42.v7.type").read_text(), "text/plain")
 
+    def test_tornUndoRecordIsIgnored(self) -> None:
+        """
+        An undo record torn by a crash (its batch never synced, so its
+        pointer never swapped) counts as unwritten: the write is done again
+        and the record replaced by a whole one.
+        """
+        (self.root / ".undo" / "7.json").write_bytes(b'{"key": "/ite')
+        verdict = self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello")))
+        self.assertEqual(verdict.kind, VerdictKind.stored)
+        self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.v7")
+        self.successResultOf(self.stash.commit(uow(7, "/items/42")))
+        self.assertEqual(list((self.root / ".undo").iterdir()), [])
+
+    def test_commitWaitsForADurableSwap(self) -> None:
+        """
+        A commit syncs the file system only when no sync since its pointer
+        swap has made the swap durable: the next batch's sync serves it.
+        """
+        from unittest import mock
+
+        from apicontainer.stashes import filesystem as filesystemModule
+
+        with mock.patch.object(
+            filesystemModule, "syncFilesystem", wraps=filesystemModule.syncFilesystem
+        ) as sync:
+            self.successResultOf(self.stash.stash(uow(2, "/items/2")))
+            self.successResultOf(self.stash.stash(uow(3, "/items/3")))
+            self.assertEqual(sync.call_count, 2)
+            self.successResultOf(self.stash.commit(uow(2, "/items/2")))
+            self.assertEqual(sync.call_count, 2)  # covered by uow 3's batch
+            self.successResultOf(self.stash.commit(uow(3, "/items/3")))
+            self.assertEqual(sync.call_count, 3)
+
     def test_commitRemovesOldVersion(self) -> None:
         """
         After commit only the current version is left.

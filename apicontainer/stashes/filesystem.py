@@ -14,12 +14,19 @@ and C{_}), so a segment is never C{.} or C{..}, never contains C{/}, and
 never collides with the C{.doc}/C{.v} names; an over-long segment is replaced
 by a hash. No key can name a path outside C{root}.
 
-A write lands by writing and fsyncing the new version, recording the undo
-durably, then atomically replacing the C{.doc} symlink and fsyncing its
-directory. Writes of concurrent UOWs go in batches (group commit): the
-versions and undo records of a batch are made durable by one C{syncfs},
-and the pointer swaps by another. A deleted document is a symlink to a C{.d<uow>} name that does
-not exist, so that an older UOW can never bring it back.
+A write lands by writing the new version and the undo record, making them
+durable, then atomically replacing the C{.doc} symlink. Writes of concurrent
+UOWs go in batches (group commit): one C{syncfs} makes the versions and undo
+records of a batch durable, and with them the pointer swaps of the batches
+before it. A swap is durable before its UOW commits: a commit whose swap no
+C{syncfs} has covered yet makes one. Until then a crash may undo the swap,
+which is harmless: the UOW is not committed, so recovery stores it again and
+the undo record completes the write. Version and undo files are written in
+place, not renamed into place: nothing refers to them before the C{syncfs}
+that makes them whole, and an undo record torn by a crash belongs to a write
+that never swapped its pointer. A deleted document is a symlink to a
+C{.d<uow>} name that does not exist, so that an older UOW can never bring it
+back.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from ..durable import (
     removeTemporaries,
     syncFilesystem,
     writeAtomically,
+    writeFile,
 )
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
@@ -90,8 +98,12 @@ class FilesystemStash:
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
         self._group = GroupCommit(blocking, self._runBatch)
-        self._swaps: list[tuple[Path, str, int]] = []
+        self._swaps: list[tuple[Path, str, int, int]] = []
         self._outcomes: list[Outcome] = []
+        # Syncs done so far, and for each UOW whose pointer was swapped, how
+        # many had been done when it was: a later one made the swap durable.
+        self._syncs = 0
+        self._swappedAt: dict[int, int] = {}
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
@@ -110,6 +122,9 @@ class FilesystemStash:
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
+        # Whatever an earlier process swapped is durable before this one
+        # commits anything.
+        syncFilesystem(self.root)
 
     def stop(self) -> Deferred[None]:
         return succeed(None)
@@ -143,9 +158,15 @@ class FilesystemStash:
         return self._undo / f"{uowId}.json"
 
     def _readUndo(self, uowId: int) -> dict | None:  # type: ignore[type-arg]
+        path = self._undoPath(uowId)
         try:
-            return json.loads(self._undoPath(uowId).read_bytes())  # type: ignore[no-any-return]
+            return json.loads(path.read_bytes())  # type: ignore[no-any-return]
         except FileNotFoundError:
+            return None
+        except ValueError:
+            # Torn by a crash before its batch was synced, so its pointer was
+            # never swapped: as if it had not been written.
+            _unlink(path)
             return None
 
     def _rolledBackAttempt(self, uowId: int) -> int:
@@ -180,23 +201,28 @@ class FilesystemStash:
     def _swapPending(self) -> None:
         """
         Make the pending versions and undo records durable (one syncfs for
-        all), swap their pointers, and make the swaps durable (another).
+        all, which also makes the earlier swaps durable), then swap their
+        pointers.
         """
         swaps, self._swaps = self._swaps, []
         if not swaps:
             return
         try:
-            syncFilesystem(self.root)
-            for pointer, target, _ in swaps:
+            self._sync()
+            for pointer, target, uowId, _ in swaps:
                 self._link(pointer, target)
-            syncFilesystem(self.root)
+                self._swappedAt[uowId] = self._syncs
         except OSError:
             failure = Failure()
-            for _, _, index in swaps:
+            for _, _, _, index in swaps:
                 self._outcomes[index] = (False, failure)
 
-    def _swapLater(self, pointer: Path, target: str) -> None:
-        self._swaps.append((pointer, target, len(self._outcomes)))
+    def _sync(self) -> None:
+        syncFilesystem(self.root)
+        self._syncs += 1
+
+    def _swapLater(self, pointer: Path, target: str, uowId: int) -> None:
+        self._swaps.append((pointer, target, uowId, len(self._outcomes)))
 
     def _stash(self, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
@@ -211,7 +237,7 @@ class FilesystemStash:
                 # A crash came between recording the undo and swapping the
                 # pointer: finish the write.
                 self._writeVersion(pointer, undo["target"], body, contentType)
-                self._swapLater(pointer, undo["target"])
+                self._swapLater(pointer, undo["target"], uow.id)
                 return Verdict.stored(detail="completed after a crash")
             return Verdict.stored(detail="already stored")
         if current is not None and current[1] >= uow.id:
@@ -228,21 +254,21 @@ class FilesystemStash:
             "before": current[0] if current else None,
             "target": target,
         }
-        writeAtomically(self._undoPath(uow.id), [json.dumps(undo).encode()], sync=False)
-        self._swapLater(pointer, target)
+        writeFile(self._undoPath(uow.id), [json.dumps(undo).encode()])
+        self._swapLater(pointer, target, uow.id)
         return Verdict.stored(status=200)
 
     def _writeVersion(self, pointer: Path, target: str, body: bytes, contentType: str | None) -> None:
         """
         Write the version file C{target} (nothing for a deletion's C{.d}
-        target) beside C{pointer}, durably.
+        target) beside C{pointer}; the batch's sync makes it durable.
         """
         makeDirectories(pointer.parent)
         if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
             return
-        writeAtomically(pointer.with_name(target), [body], sync=False)
+        writeFile(pointer.with_name(target), [body])
         if contentType:
-            writeAtomically(pointer.with_name(target + ".type"), [contentType.encode("utf-8")], sync=False)
+            writeFile(pointer.with_name(target + ".type"), [contentType.encode("utf-8")])
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """
@@ -280,6 +306,7 @@ class FilesystemStash:
         return self._group.submit(self._rollback, uow)
 
     def _rollback(self, uow: UnitOfWork) -> None:
+        self._swappedAt.pop(uow.id, None)
         undo = self._readUndo(uow.id)
         if undo is not None:
             pointer = self._pointer(undo["key"])
@@ -310,10 +337,13 @@ class FilesystemStash:
         return self._group.submit(self._commit, uow)
 
     def _commit(self, uow: UnitOfWork) -> None:
-        # Nothing here needs an fsync: the write is already durable, and an
-        # undo record or old version that a crash brings back is only
-        # clutter (a replay finds the write in place, and no rollback is
-        # sent after a commit).
+        # The write must be durable before its undo record goes. Nothing
+        # else here needs a sync: an undo record or old version that a crash
+        # brings back is only clutter (a replay finds the write in place,
+        # and no rollback is sent after a commit).
+        if self._swappedAt.get(uow.id) == self._syncs:
+            self._sync()
+        self._swappedAt.pop(uow.id, None)
         _unlink(self._rolledBack / str(uow.id))
         undo = self._readUndo(uow.id)
         if undo is None:
