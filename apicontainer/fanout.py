@@ -10,6 +10,7 @@ from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .crashpoints import reach
 from .failqueue import FailedUOW, FileFailQueue
@@ -267,30 +268,51 @@ class Fanout:
         self, step: str, uow: UnitOfWork, names: Sequence[str], routing: Routing
     ) -> list[str]:
         """
-        Run C{commit} or C{rollback} on each named stash, one after another,
-        each within the stash's C{timeout_s}.
+        Run C{commit} or C{rollback} on each named stash, each within the
+        stash's C{timeout_s}: commits all at once (each is independent, and a
+        crash between them leaves the rest to recovery), rollbacks one after
+        another in the order given.
 
         @return: The names of the stashes where it failed.
         """
+        if step == "commit":
+            calls = [self._onStash(step, uow, name, routing) for name in names]
+            if len(calls) > 1:
+                calls[0].addCallback(lambda ok: (reach("during-commit"), ok)[1])
+            done = await DeferredList(calls)
+            return [name for name, (_, ok) in zip(names, done) if not ok]
         failed = []
         for index, name in enumerate(names):
             if index == 1:
                 reach(f"during-{step}")
-            worker = routing.workers[name]
-            try:
-                call = maybeDeferred(getattr(worker.stash, step), uow)
-                await call.addTimeout(worker.timeout, self._clock)
-            except Exception:
-                self.log.failure(
-                    "stash {stash} failed to {step} UOW {uow}", stash=name, step=step, uow=uow.id
-                )
-                failed.append(name)
-                ok = False
-            else:
-                ok = True
-            if step == "rollback" and self._metrics is not None:
+            ok = await self._onStash(step, uow, name, routing)
+            if self._metrics is not None:
                 self._metrics.rollbacks.labels(name, "ok" if ok else "failed").inc()
+            if not ok:
+                failed.append(name)
         return failed
+
+    def _onStash(self, step: str, uow: UnitOfWork, name: str, routing: Routing) -> Deferred[bool]:
+        """
+        Run C{step} on stash C{name} within its C{timeout_s}.
+
+        @return: A Deferred that fires with whether it succeeded (a failure
+            is logged).
+        """
+        worker = routing.workers[name]
+
+        def failed(reason: Failure) -> bool:
+            self.log.failure(
+                "stash {stash} failed to {step} UOW {uow}",
+                reason,
+                stash=name,
+                step=step,
+                uow=uow.id,
+            )
+            return False
+
+        call = maybeDeferred(getattr(worker.stash, step), uow)
+        return call.addTimeout(worker.timeout, self._clock).addCallbacks(lambda _: True, failed)
 
     def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:
         if self._metrics is not None:

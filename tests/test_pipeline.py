@@ -61,6 +61,32 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual(self.spooled(), [])
         self.assertEqual(h.container.failQueue.list(), [])
 
+    def test_commitsRunTogether(self) -> None:
+        """
+        Every stash is told to commit at once: a slow commit in one does not
+        hold back the others, and the answer waits for all of them.
+        """
+        from twisted.internet.defer import Deferred
+
+        slow: list[Deferred[None]] = []
+
+        class SlowCommit(MemoryStash):
+            def commit(self, uow):  # type: ignore[no-untyped-def]
+                self.calls.append(("commit", uow.id))
+                waiting: Deferred[None] = Deferred()
+                slow.append(waiting)
+                return waiting
+
+        a, b = SlowCommit("a"), MemoryStash("b")
+        h = self.build(a, b)
+        received = h.send("PUT", "/items/1", b"x")
+        self.assertEqual(len(slow), 1)
+        self.assertEqual(b.calls, [("stash", 1), ("commit", 1)])
+        self.assertNoResult(received)
+        slow[0].callback(None)
+        self.assertEqual(h.result(received).code, 200)
+        self.assertEqual(self.spooled(), [])
+
     def test_declineIsSuccess(self) -> None:
         """
         A declining stash does not stop the others from committing.
