@@ -82,3 +82,11 @@ def each(operations: Sequence[Operation], run: Callable[[Operation], Any]) -> li
         except Exception:
             outcomes.append((False, Failure()))
     return outcomes
+
+
+def runEach(operations: Sequence[Operation]) -> list[Outcome]:
+    """
+    A C{runBatch} that calls every operation in turn and needs no sync of
+    its own.
+    """
+    return each(operations, lambda operation: operation[0](*operation[1]))

@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .blocking import Blocking
-from .groupcommit import GroupCommit, Operation, Outcome, each
+from .groupcommit import GroupCommit, Operation, Outcome, runEach
 from .durable import (
     fsyncDirectory,
     makeDirectories,
@@ -158,6 +158,7 @@ class Spool:
         self.quarantineDirectory = quarantine
         self._blocking = blocking
         self._group = GroupCommit(blocking, self._writeBatch)
+        self._deletions = GroupCommit(blocking, runEach)
 
     def open(self) -> None:
         """
@@ -208,7 +209,7 @@ class Spool:
         return path
 
     def _writeBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
-        outcomes = each(operations, lambda operation: operation[0](*operation[1]))
+        outcomes = runEach(operations)
         written = [path for ok, path in outcomes if ok]
         if written:
             try:
@@ -245,9 +246,11 @@ class Spool:
         recorded. The removal is not fsynced: a file that a crash brings back
         has a final state, and recovery removes it again.
 
+        Deletions that arrive together share one thread-pool hop.
+
         @return: A Deferred that fires with whether there was a file.
         """
-        return self._blocking(_remove, self.path(uowId))
+        return self._deletions.submit(_remove, self.path(uowId))
 
     def quarantine(self, uowId: int) -> Deferred[Path]:
         """
