@@ -9,7 +9,9 @@ of that case in a temporary data directory, drives it with wrk from another
 process over loopback (each request a key of its own), and prints req/s,
 p50, p99 and the server's peak RSS, each also as a ratio to the baseline (a
 Klein app that reads the body and stores nothing) measured in the same run
-with the same concurrency and body size.
+with the same concurrency and body size. Beside each baseline it measures
+the floor (bench/floor.py: the same app writing each body durably to a file
+of its own, the least durable work a request on the default config needs).
 """
 
 from __future__ import annotations
@@ -119,6 +121,14 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
     if key not in baselines:
         port = freePort()
         baselines[key] = measure([sys.executable, "-m", "bench.baseline", str(port)], port, concurrency, seconds, body, 0, HERE.parent)
+        floorData = Path(tempfile.mkdtemp(prefix="floor-", dir=work))
+        port = freePort()
+        floor = measure([sys.executable, "-m", "bench.floor", str(port), str(floorData)], port, concurrency, seconds, body, 0, HERE.parent)
+        shutil.rmtree(floorData, ignore_errors=True)
+        baselines[key]["floor"] = floor
+        print(f"c={concurrency} body={body}: baseline {baselines[key]['rps']:.0f} req/s, p99 {baselines[key]['p99']:.2f} ms;"
+              f" floor {floor['rps']:.0f} req/s ({floor['rps'] / baselines[key]['rps']:.2f}x), p99 {floor['p99']:.2f} ms"
+              f" ({floor['p99'] / baselines[key]['p99']:.1f}x)", flush=True)
     data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
     port, admin = freePort(), freePort()
     (data / "config.yaml").write_text(config(port, admin, data / "var", stashes, failing))
@@ -182,6 +192,7 @@ def cases(quick: bool) -> list[tuple[int, int, int, bool]]:
     chosen = [base]
     chosen += [(c, 1024, 2, False) for c in (1, 16, 64)]
     chosen += [(16, b, 2, False) for b in (65536, 1048576)]
+    chosen += [(c, 1048576, 2, False) for c in (1, 64)]
     chosen += [(16, 1024, s, False) for s in (1, 4, 8)]
     chosen += [(16, 1024, 2, True)]
     return chosen
@@ -194,6 +205,18 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['concurrency']} | {r['body'] // 1024} KiB | {r['stashes']} | {r['failing']} | {r['rps']:.0f} |"
             f" {r['rps_ratio']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99_ratio']:.1f} | {r['rss'] / 2**20:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def baselineTable(baselines: dict[tuple[int, int], dict[str, Any]]) -> str:
+    rows = ["| c | body | baseline req/s | baseline p99 ms | floor req/s | floor x baseline | floor p99 ms | floor p99 x baseline |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (c, body), base in baselines.items():
+        floor = base["floor"]
+        rows.append(
+            f"| {c} | {body // 1024} KiB | {base['rps']:.0f} | {base['p99']:.2f} | {floor['rps']:.0f} |"
+            f" {floor['rps'] / base['rps']:.2f} | {floor['p99']:.2f} | {floor['p99'] / base['p99']:.1f} |"
         )
     return "\n".join(rows)
 
@@ -222,8 +245,11 @@ def main() -> None:
                   f" ({result['p99_ratio']:.1f}x), peak RSS {result['rss'] / 2**20:.0f} MiB, non-2xx {result['non2xx']}", flush=True)
     print()
     print(table(results))
+    print()
+    print(baselineTable(baselines))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"cases": results, "baselines": [
+            {"concurrency": c, "body": b, **base} for (c, b), base in baselines.items()]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,3 +35,7 @@ def test_quickRun() -> None:
     assert len(rows) == 1, result.stdout
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert float(cells[4]) > 0 and float(cells[5]) > 0
+    floors = [line for line in result.stdout.splitlines() if line.startswith("| 16 | 1 KiB | ") and len(line.split("|")) == 10]
+    assert len(floors) == 1, result.stdout
+    floor = [cell.strip() for cell in floors[0].strip("|").split("|")]
+    assert float(floor[2]) > 0 and float(floor[4]) > 0

@@ -1,0 +1,63 @@
+"""
+The floor: the least durable work any server on the default config must do
+for a request, done as cheaply as this machine allows, to show how close to
+the baseline a durable server can come here.
+
+    python -m bench.floor PORT DIRECTORY
+
+A Klein app on the same Twisted, like the baseline, that before answering
+writes each request's body to a file of its own in C{DIRECTORY} (a
+filesystem stash's document) and makes it durable. Files of concurrent
+requests share one thread-pool hop and one C{syncfs} (group commit); the
+app does nothing else: no spool, no SQLite, no undo record, no pointer, no
+state record. Whatever it reaches bounds what the full server can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from klein import Klein
+from twisted.internet import endpoints, reactor
+from twisted.internet.defer import Deferred
+from twisted.web.server import Site
+
+from apicontainer.blocking import inThreadPool
+from apicontainer.durable import syncFilesystem, writeFile
+from apicontainer.groupcommit import GroupCommit, Operation, Outcome, runEach
+
+
+class Floor:
+    app = Klein()
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.count = 0
+        self.group = GroupCommit(inThreadPool(reactor, reactor.getThreadPool()), self.writeBatch)
+
+    def writeBatch(self, operations: list[Operation]) -> list[Outcome]:
+        outcomes = runEach(operations)
+        syncFilesystem(self.directory)
+        return outcomes
+
+    @app.route("/", branch=True)
+    def handle(self, request) -> Deferred[bytes]:  # type: ignore[no-untyped-def]
+        body = request.content.read()
+        self.count += 1
+        written = self.group.submit(writeFile, self.directory / str(self.count), [body])
+
+        def answer(_: object) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"outcome":"stored"}\n'
+
+        return written.addCallback(answer)
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[2])
+    os.makedirs(directory, exist_ok=True)
+    site = Site(Floor(directory).app.resource())
+    endpoints.serverFromString(reactor, f"tcp:{sys.argv[1]}:interface=127.0.0.1").listen(site)
+    reactor.run()
