@@ -4,6 +4,8 @@ C{twist apicontainer}: the server's command line and service.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,27 @@ def _refuse(message: str) -> None:
     raise SystemExit(EX_CONFIG)
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limitMallocArenas(arenas: int = 2) -> bool:
+    """
+    Cap glibc's malloc arenas before the server starts its threads, unless
+    the operator set C{MALLOC_ARENA_MAX}: with an arena per thread (up to
+    eight per core), memory freed by one thread pool is not reused by the
+    others, and RSS creeps up under sustained load.
+
+    @return: Whether the cap was set (not on other C libraries).
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
 def makeService(options: Options) -> IService:
     """
     Load and check the configuration, open the data directory and build the
@@ -51,6 +74,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
+    limitMallocArenas()
 
     path = Path(options["config"]) if options["config"] else DEFAULT_CONFIG
     try:

@@ -88,3 +88,20 @@ def test_checkConfig(tmp_path: Path) -> None:
     result = run(None, "check-config", str(bad))
     assert result.returncode == 78
     assert result.stderr == f"apicontainer: {bad}:2: stashes.a.type: unknown stash type 'nope' (known: filesystem, http, postgres, redis, sqlite)\n"
+
+
+def test_mallocArenas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The server caps glibc's malloc arenas, unless the operator chose a
+    number with MALLOC_ARENA_MAX.
+    """
+    import platform
+
+    from apicontainer.tap import limitMallocArenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limitMallocArenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: there is no arena cap to set")
+    assert limitMallocArenas() is True
