@@ -57,6 +57,21 @@ def syncFilesystem(path: Path) -> None:
         os.close(fd)
 
 
+def _writeAll(fd: int, chunks: Iterable[bytes]) -> None:
+    """
+    Write every chunk to C{fd}, with as few system calls as the kernel
+    allows (one C{writev} for all of them, more only after a short write).
+    """
+    views = [memoryview(chunk) for chunk in chunks if len(chunk)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
 def writeAtomically(
     path: Path, chunks: Iterable[bytes], syncDirectory: bool = True, sync: bool = True
 ) -> None:
@@ -75,10 +90,7 @@ def writeAtomically(
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _writeAll(fd, chunks)
             if sync:
                 os.fsync(fd)
         finally:
@@ -106,10 +118,7 @@ def writeFile(path: Path, chunks: Iterable[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _writeAll(fd, chunks)
         finally:
             os.close(fd)
     except BaseException:

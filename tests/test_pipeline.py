@@ -401,7 +401,7 @@ class IngressRefusalTests(PipelineTestCase):
         """
         a = MemoryStash("a")
         h = self.build(a)
-        with mock.patch("apicontainer.durable.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        with mock.patch("apicontainer.durable.os.writev", side_effect=OSError(errno.ENOSPC, "No space left on device")):
             response = h.request("PUT", "/items/1", b"x")
         self.assertRefused(response, 503, "disk_full")
         self.assertEqual(response.header("retry-after"), "5")

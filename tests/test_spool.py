@@ -120,7 +120,7 @@ class SpoolTests(SynchronousTestCase):
         from apicontainer import spool as spoolModule
 
         for code, error in ((errno.ENOSPC, SpoolFull), (errno.EIO, SpoolError)):
-            with mock.patch.object(durable.os, "write", side_effect=OSError(code, os.strerror(code))):
+            with mock.patch.object(durable.os, "writev", side_effect=OSError(code, os.strerror(code))):
                 self.failureResultOf(self.spool.write(sample()), error)
             self.assertEqual(os.listdir(self.spool.directory), [])
         with mock.patch.object(spoolModule, "syncFilesystem", side_effect=OSError(errno.EIO, "EIO")):
@@ -150,6 +150,26 @@ class SpoolTests(SynchronousTestCase):
         """
         self.spool.path(3).write_bytes(b"".join(encode(sample(4))))
         self.failureResultOf(self.spool.load(3), CorruptSpoolFile)
+
+
+class ShortWriteTests(SynchronousTestCase):
+    def test_shortWritesComplete(self) -> None:
+        """
+        A file written in chunks holds all of them in order, however few
+        bytes each system call takes.
+        """
+        realWritev = os.writev
+
+        def stingy(fd: int, buffers: list[memoryview]) -> int:
+            return realWritev(fd, [bytes(buffers[0][:3])])
+
+        path = Path(self.mktemp())
+        chunks = [b"head-", b"", b"the body", b"-crc"]
+        with mock.patch.object(durable.os, "writev", stingy):
+            durable.writeAtomically(path, chunks, sync=False)
+            durable.writeFile(path.with_name("other"), chunks)
+        self.assertEqual(path.read_bytes(), b"head-the body-crc")
+        self.assertEqual(path.with_name("other").read_bytes(), b"head-the body-crc")
 
 
 class UOWIdTests(SynchronousTestCase):
