@@ -157,6 +157,9 @@ class FilesystemStashTests(SynchronousTestCase):
         and the record replaced by a whole one.
         """
         (self.root / ".undo" / "7.json").write_bytes(b'{"key": "/ite')
+        self.stash = FilesystemStash("files", self.root, inline)  # the restart after the crash
+        self.successResultOf(self.stash.start())
+        self.assertEqual(list((self.root / ".undo").iterdir()), [])
         verdict = self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello")))
         self.assertEqual(verdict.kind, VerdictKind.stored)
         self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.v7")
@@ -405,7 +408,7 @@ class FileFaultTests(SynchronousTestCase):
         self.assertEqual(verdict.status, 503)
         self.successResultOf(stash.rollback(uow(50, body=b"bad")))
         self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"one")
-        for target, code in (("fsync", errno.EIO), ("write", errno.ENOSPC)):
+        for target, code in (("fsync", errno.EIO), ("writev", errno.ENOSPC)):
             for failAt in range(1, 6):
                 calls = {"n": 0}
                 real = getattr(durable.os, target)

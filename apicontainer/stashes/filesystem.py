@@ -104,6 +104,13 @@ class FilesystemStash:
         # many had been done when it was: a later one made the swap durable.
         self._syncs = 0
         self._swappedAt: dict[int, int] = {}
+        # What the .undo and .rolledback folders hold, read at start and kept
+        # in step with every change, so that a write does not probe the disk
+        # for them (each probe is a system call, and each system call of this
+        # thread waits for the GIL afterwards); and the folders known to exist.
+        self._undos: dict[int, dict] = {}  # type: ignore[type-arg]
+        self._rolledBackAttempts: dict[int, int] = {}
+        self._directories: set[Path] = set()
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
@@ -122,6 +129,17 @@ class FilesystemStash:
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
+        self._undos = {}
+        for path in self._undo.glob("*.json"):
+            if path.stem.isdigit():
+                undo = self._loadUndo(path)
+                if undo is not None:
+                    self._undos[int(path.stem)] = undo
+        self._rolledBackAttempts = {
+            int(path.name): int(path.read_text("ascii"))
+            for path in self._rolledBack.iterdir()
+            if path.name.isdigit()
+        }
         # Whatever an earlier process swapped is durable before this one
         # commits anything.
         syncFilesystem(self.root)
@@ -157,23 +175,34 @@ class FilesystemStash:
     def _undoPath(self, uowId: int) -> Path:
         return self._undo / f"{uowId}.json"
 
-    def _readUndo(self, uowId: int) -> dict | None:  # type: ignore[type-arg]
-        path = self._undoPath(uowId)
+    @staticmethod
+    def _loadUndo(path: Path) -> dict | None:  # type: ignore[type-arg]
         try:
             return json.loads(path.read_bytes())  # type: ignore[no-any-return]
-        except FileNotFoundError:
-            return None
         except ValueError:
             # Torn by a crash before its batch was synced, so its pointer was
             # never swapped: as if it had not been written.
             _unlink(path)
             return None
 
+    def _readUndo(self, uowId: int) -> dict | None:  # type: ignore[type-arg]
+        return self._undos.get(uowId)
+
+    def _writeUndo(self, uowId: int, undo: dict, sync: bool) -> None:  # type: ignore[type-arg]
+        data = [json.dumps(undo).encode()]
+        if sync:
+            writeAtomically(self._undoPath(uowId), data)
+        else:
+            writeFile(self._undoPath(uowId), data)
+        self._undos[uowId] = undo
+
     def _rolledBackAttempt(self, uowId: int) -> int:
-        try:
-            return int((self._rolledBack / str(uowId)).read_text("ascii"))
-        except FileNotFoundError:
-            return 0
+        return self._rolledBackAttempts.get(uowId, 0)
+
+    def _ensureDirectory(self, directory: Path) -> None:
+        if directory not in self._directories:
+            makeDirectories(directory)
+            self._directories.add(directory)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         return self._group.submit(self._stash, uow, uow.body, uow.contentType).addErrback(unavailable(self, uow, OSError))
@@ -192,6 +221,8 @@ class FilesystemStash:
                 try:
                     self._outcomes.append((True, function(*args)))
                 except Exception:
+                    # A folder may have gone: look again next time.
+                    self._directories.clear()
                     self._outcomes.append((False, Failure()))
             self._swapPending()
             return self._outcomes
@@ -247,14 +278,14 @@ class FilesystemStash:
         stem = pointer.name[: -len(".doc")]
         target = f"{stem}.{'d' if uow.isDelete else 'v'}{uow.id}"
         self._writeVersion(pointer, target, body, contentType)
-        makeDirectories(self._undo)  # brings the stash back after its root was restored
+        self._ensureDirectory(self._undo)  # brings the stash back after its root was restored
         undo = {
             "key": uow.key,
             "attempt": uow.attempt,
             "before": current[0] if current else None,
             "target": target,
         }
-        writeFile(self._undoPath(uow.id), [json.dumps(undo).encode()])
+        self._writeUndo(uow.id, undo, sync=False)
         self._swapLater(pointer, target, uow.id)
         return Verdict.stored(status=200)
 
@@ -263,7 +294,7 @@ class FilesystemStash:
         Write the version file C{target} (nothing for a deletion's C{.d}
         target) beside C{pointer}; the batch's sync makes it durable.
         """
-        makeDirectories(pointer.parent)
+        self._ensureDirectory(pointer.parent)
         if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
             return
         writeFile(pointer.with_name(target), [body])
@@ -287,10 +318,11 @@ class FilesystemStash:
         """
         temporary = pointer.with_name(f".tmp-{pointer.name}")
         try:
+            os.symlink(target, temporary)
+        except FileExistsError:
+            # Left by a crash between the two calls.
             os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        os.symlink(target, temporary)
+            os.symlink(target, temporary)
         os.rename(temporary, pointer)
 
     def _removeVersion(self, directory: Path, target: str | None) -> None:
@@ -317,21 +349,21 @@ class FilesystemStash:
                 self._handOver(undo)
             self._removeVersion(pointer.parent, undo["target"])
         attempt = max(self._rolledBackAttempt(uow.id), uow.attempt)
-        makeDirectories(self._rolledBack)
+        self._ensureDirectory(self._rolledBack)
         writeAtomically(self._rolledBack / str(uow.id), [b"%d" % (attempt,)])
+        self._rolledBackAttempts[uow.id] = attempt
         if undo is not None:
             removeDurably(self._undoPath(uow.id))
+            del self._undos[uow.id]
 
     def _handOver(self, undo: dict) -> None:  # type: ignore[type-arg]
         """
         A later UOW wrote over the one being rolled back: keep its write,
         and make its own rollback restore our before-image, not our write.
         """
-        for path in self._undo.glob("*.json"):
-            later = json.loads(path.read_bytes())
+        for uowId, later in list(self._undos.items()):
             if later["key"] == undo["key"] and later["before"] == undo["target"]:
-                later["before"] = undo["before"]
-                writeAtomically(path, [json.dumps(later).encode()])
+                self._writeUndo(uowId, dict(later, before=undo["before"]), sync=True)
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._group.submit(self._commit, uow)
@@ -344,15 +376,18 @@ class FilesystemStash:
         if self._swappedAt.get(uow.id) == self._syncs:
             self._sync()
         self._swappedAt.pop(uow.id, None)
-        _unlink(self._rolledBack / str(uow.id))
+        if self._rolledBackAttempts.pop(uow.id, None) is not None:
+            _unlink(self._rolledBack / str(uow.id))
         undo = self._readUndo(uow.id)
         if undo is None:
             return
-        pointer = self._pointer(undo["key"])
-        current = self._current(pointer)
-        if undo["before"] is not None and (current is None or current[0] != undo["before"]):
-            self._removeVersion(pointer.parent, undo["before"])
+        if undo["before"] is not None:
+            pointer = self._pointer(undo["key"])
+            current = self._current(pointer)
+            if current is None or current[0] != undo["before"]:
+                self._removeVersion(pointer.parent, undo["before"])
         _unlink(self._undoPath(uow.id))
+        del self._undos[uow.id]
 
     def read(self, key: str) -> Deferred[Document | None]:
         return self._blocking(self._read, key)
