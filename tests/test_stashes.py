@@ -141,14 +141,39 @@ class FilesystemStashTests(SynchronousTestCase):
 
     def test_readableLayout(self) -> None:
         """
-        The document is a symlink to its version file, which holds the body,
-        beside its content type.
+        The document is a symlink to its version file, which holds the body
+        and, in an extended attribute, its content type.
         """
         self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
         pointer = self.root / "items" / "42.doc"
         self.assertEqual(os.readlink(pointer), "42.v7")
         self.assertEqual(pointer.read_bytes(), b"hello")
-        self.assertEqual((self.root / "items" / "42.v7.type").read_text(), "text/plain")
+        self.assertEqual(os.getxattr(pointer, "user.content_type"), b"text/plain")
+        self.assertEqual(sorted(p.name for p in (self.root / "items").iterdir()), ["42.doc", "42.v7"])
+
+    def test_contentTypeWithoutExtendedAttributes(self) -> None:
+        """
+        Where the file system takes no user extended attributes, the content
+        type goes to a file beside the version; either way it is read back,
+        also for versions written before.
+        """
+        import errno
+        from unittest import mock
+
+        from apicontainer import durable
+
+        self.successResultOf(self.stash.stash(uow(1, "/items/a", b"a", contentType="text/a")))
+        with mock.patch.object(durable.os, "setxattr", side_effect=OSError(errno.ENOTSUP, "Operation not supported")):
+            self.successResultOf(self.stash.stash(uow(2, "/items/b", b"b", contentType="text/b")))
+            self.successResultOf(self.stash.stash(uow(3, "/items/c", b"c", contentType="text/c")))
+        self.assertEqual((self.root / "items" / "b.v2.type").read_text(), "text/b")
+        self.assertEqual((self.root / "items" / "c.v3.type").read_text(), "text/c")
+        for key, expected in (("/items/a", "text/a"), ("/items/b", "text/b"), ("/items/c", "text/c")):
+            self.assertEqual(self.successResultOf(self.stash.read(key)).contentType, expected)
+        self.successResultOf(self.stash.commit(uow(2, "/items/b")))
+        self.successResultOf(self.stash.stash(uow(4, "/items/b", b"b2")))
+        self.successResultOf(self.stash.commit(uow(4, "/items/b")))
+        self.assertEqual(sorted(p.name for p in (self.root / "items").glob("b.*")), ["b.doc", "b.v4"])
 
     def test_tornUndoRecordIsIgnored(self) -> None:
         """
@@ -164,6 +189,26 @@ class FilesystemStashTests(SynchronousTestCase):
         self.assertEqual(verdict.kind, VerdictKind.stored)
         self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.v7")
         self.successResultOf(self.stash.commit(uow(7, "/items/42")))
+        self.assertEqual(list((self.root / ".undo").iterdir()), [])
+
+    def test_undoRecordsSurviveARestart(self) -> None:
+        """
+        Undo records (a symlink holding the JSON, or a file when it is too
+        long for one) are read back at start: a rollback after a restart
+        restores the before-image.
+        """
+        longKey = "/items/" + "k" * 4100
+        for uowId, key in ((1, "/items/short"), (2, longKey)):
+            self.successResultOf(self.stash.stash(uow(uowId, key, b"first")))
+            self.successResultOf(self.stash.commit(uow(uowId, key)))
+            self.successResultOf(self.stash.stash(uow(uowId + 10, key, b"second")))
+        self.assertTrue((self.root / ".undo" / "11.json").is_symlink())
+        self.assertFalse((self.root / ".undo" / "12.json").is_symlink())
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        for uowId, key in ((1, "/items/short"), (2, longKey)):
+            self.successResultOf(self.stash.rollback(uow(uowId + 10, key)))
+            self.assertEqual(self.successResultOf(self.stash.read(key)).body, b"first")
         self.assertEqual(list((self.root / ".undo").iterdir()), [])
 
     def test_commitWaitsForADurableSwap(self) -> None:

@@ -5,8 +5,12 @@ Layout, for the key C{/items/42}::
 
     root/items/42.doc          symlink to the current version: cat it
     root/items/42.v17          the body written by UOW 17
-    root/items/42.v17.type     its content type, when it had one
-    root/.undo/17.json         UOW 17's before-image, until commit
+                               its content type, when it had one, in the
+                               extended attribute user.content_type
+    root/items/42.v17.type     or in this file, where the file system has no
+                               user extended attributes
+    root/.undo/17.json         UOW 17's before-image, until commit (a symlink
+                               whose target is the JSON record)
     root/.rolledback/17        marker: UOW 17 was rolled back
 
 Each key segment is percent-encoded (every byte but letters, digits, C{-}
@@ -31,6 +35,7 @@ back.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -61,6 +66,8 @@ from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 
 _SAFE = "-_"
+_CONTENT_TYPE = "user.content_type"
+_MAX_SYMLINK = 4000  # bytes of a symlink's target, safely below PATH_MAX
 _MAX_SEGMENT = 120
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
 
@@ -111,6 +118,9 @@ class FilesystemStash:
         self._undos: dict[int, dict] = {}  # type: ignore[type-arg]
         self._rolledBackAttempts: dict[int, int] = {}
         self._directories: set[Path] = set()
+        # Whether the file system takes user extended attributes (for the
+        # content type), until it says otherwise.
+        self._attributes = True
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
@@ -178,6 +188,8 @@ class FilesystemStash:
     @staticmethod
     def _loadUndo(path: Path) -> dict | None:  # type: ignore[type-arg]
         try:
+            if path.is_symlink():
+                return json.loads(os.readlink(path))  # type: ignore[no-any-return]
             return json.loads(path.read_bytes())  # type: ignore[no-any-return]
         except ValueError:
             # Torn by a crash before its batch was synced, so its pointer was
@@ -189,11 +201,31 @@ class FilesystemStash:
         return self._undos.get(uowId)
 
     def _writeUndo(self, uowId: int, undo: dict, sync: bool) -> None:  # type: ignore[type-arg]
-        data = [json.dumps(undo).encode()]
-        if sync:
-            writeAtomically(self._undoPath(uowId), data)
+        """
+        Record C{undo} as a symlink whose target is its JSON: one system
+        call, and never torn. A record too long for a symlink is a file.
+        With C{sync} it replaces the record atomically and durably;
+        otherwise the batch's sync makes it durable.
+        """
+        path = self._undoPath(uowId)
+        text = json.dumps(undo)
+        if len(text.encode()) >= _MAX_SYMLINK:
+            if sync:
+                writeAtomically(path, [text.encode()])
+            else:
+                writeFile(path, [text.encode()])
+        elif sync:
+            temporary = path.with_name(f".tmp-{path.name}")
+            _unlink(temporary)
+            os.symlink(text, temporary)
+            os.rename(temporary, path)
+            fsyncDirectory(self._undo)
         else:
-            writeFile(self._undoPath(uowId), data)
+            try:
+                os.symlink(text, path)
+            except FileExistsError:
+                os.unlink(path)
+                os.symlink(text, path)
         self._undos[uowId] = undo
 
     def _rolledBackAttempt(self, uowId: int) -> int:
@@ -297,9 +329,19 @@ class FilesystemStash:
         self._ensureDirectory(pointer.parent)
         if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
             return
+        if not contentType:
+            writeFile(pointer.with_name(target), [body])
+            return
+        if self._attributes:
+            try:
+                writeFile(pointer.with_name(target), [body], {_CONTENT_TYPE: contentType.encode("utf-8")})
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                self._attributes = False
         writeFile(pointer.with_name(target), [body])
-        if contentType:
-            writeFile(pointer.with_name(target + ".type"), [contentType.encode("utf-8")])
+        writeFile(pointer.with_name(target + ".type"), [contentType.encode("utf-8")])
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """
@@ -398,8 +440,12 @@ class FilesystemStash:
         if current is None or _TARGET.match(current[0])["kind"] == "d":  # type: ignore[index]
             return None
         version = pointer.with_name(current[0])
+        contentType: str | None
         try:
-            contentType: str | None = version.with_name(current[0] + ".type").read_text("utf-8")
-        except FileNotFoundError:
-            contentType = None
+            contentType = os.getxattr(version, _CONTENT_TYPE).decode("utf-8")
+        except OSError:
+            try:
+                contentType = version.with_name(current[0] + ".type").read_text("utf-8")
+            except FileNotFoundError:
+                contentType = None
         return Document(version.read_bytes(), contentType, current[1])
