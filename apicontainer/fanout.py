@@ -278,7 +278,12 @@ class Fanout:
         if step == "commit":
             calls = [self._onStash(step, uow, name, routing) for name in names]
             if len(calls) > 1:
-                calls[0].addCallback(lambda ok: (reach("during-commit"), ok)[1])
+
+                def firstCommitted(ok: bool) -> bool:
+                    reach("during-commit")
+                    return ok
+
+                calls[0].addCallback(firstCommitted)
             done = await DeferredList(calls)
             return [name for name, (_, ok) in zip(names, done) if not ok]
         failed = []
