@@ -211,6 +211,22 @@ class FilesystemStashTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(self.stash.read(key)).body, b"first")
         self.assertEqual(list((self.root / ".undo").iterdir()), [])
 
+    def test_rolledBackMarkersSurviveARestart(self) -> None:
+        """
+        A rollback that came before its stash still turns the late stash
+        away after a restart; a later attempt of the UOW stores.
+        """
+        self.successResultOf(self.stash.rollback(uow(5, "/items/5")))
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        late = self.successResultOf(self.stash.stash(uow(5, "/items/5")))
+        self.assertEqual(late.kind, VerdictKind.declined)
+        self.assertIsNone(self.successResultOf(self.stash.read("/items/5")))
+        again = self.successResultOf(self.stash.stash(uow(5, "/items/5", b"again", attempt=6)))
+        self.assertEqual(again.kind, VerdictKind.stored)
+        self.successResultOf(self.stash.commit(uow(5, "/items/5", attempt=6)))
+        self.assertEqual(list((self.root / ".rolledback").iterdir()), [])
+
     def test_commitWaitsForADurableSwap(self) -> None:
         """
         A commit syncs the file system only when no sync since its pointer
