@@ -1,7 +1,7 @@
 """
 Measure the server against the same-run baseline.
 
-    .venv/bin/python -m bench.run              # the whole matrix (about 4 minutes)
+    .venv/bin/python -m bench.run              # the whole matrix (about 11 minutes)
     .venv/bin/python -m bench.run --quick      # a smoke run (seconds)
 
 For each case it starts the real server (`twist apicontainer`) on a config
