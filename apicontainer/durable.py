@@ -57,6 +57,19 @@ def syncFilesystem(path: Path) -> None:
         os.close(fd)
 
 
+def removeFile(path: Path) -> bool:
+    """
+    Remove C{path}, not durably; a file that is already gone is fine.
+
+    @return: Whether there was a file to remove.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _writeAll(fd: int, chunks: Iterable[bytes]) -> None:
     """
     Write every chunk to C{fd}, with as few system calls as the kernel
@@ -97,10 +110,7 @@ def writeAtomically(
             os.close(fd)
         os.rename(temporary, path)
     except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+        removeFile(temporary)
         raise
     if syncDirectory and sync:
         fsyncDirectory(path.parent)
@@ -128,10 +138,7 @@ def writeFile(path: Path, chunks: Iterable[bytes], attributes: Mapping[str, byte
         finally:
             os.close(fd)
     except BaseException:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        removeFile(path)
         raise
 
 
@@ -143,13 +150,7 @@ def removeTemporaries(directory: Path) -> int:
 
     @return: How many were removed.
     """
-    removed = 0
-    for path in directory.glob(".tmp-*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        removed += 1
+    removed = sum(removeFile(path) for path in directory.glob(".tmp-*"))
     if removed:
         fsyncDirectory(directory)
     return removed
@@ -161,9 +162,7 @@ def removeDurably(path: Path) -> bool:
 
     @return: Whether there was a file to remove.
     """
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
+    if not removeFile(path):
         return False
     fsyncDirectory(path.parent)
     return True

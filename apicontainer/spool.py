@@ -33,6 +33,7 @@ from .groupcommit import GroupCommit, Operation, Outcome, runEach
 from .durable import (
     fsyncDirectory,
     makeDirectories,
+    removeFile,
     removeTemporaries,
     syncFilesystem,
     writeAtomically,
@@ -134,14 +135,6 @@ def decode(data: bytes) -> UnitOfWork:
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptSpoolFile(f"unreadable metadata: {e}") from e
-
-
-def _remove(path: Path) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 class Spool:
@@ -250,7 +243,7 @@ class Spool:
 
         @return: A Deferred that fires with whether there was a file.
         """
-        return self._deletions.submit(_remove, self.path(uowId))
+        return self._deletions.submit(removeFile, self.path(uowId))
 
     def quarantine(self, uowId: int) -> Deferred[Path]:
         """

@@ -56,6 +56,7 @@ from ..durable import (
     fsyncDirectory,
     makeDirectories,
     removeDurably,
+    removeFile,
     removeTemporaries,
     syncFilesystem,
     writeAtomically,
@@ -70,13 +71,6 @@ _CONTENT_TYPE = "user.content_type"
 _MAX_SYMLINK = 4000  # bytes of a symlink's target, safely below PATH_MAX
 _MAX_SEGMENT = 120
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def encodeSegment(segment: str) -> str:
@@ -194,7 +188,7 @@ class FilesystemStash:
         except ValueError:
             # Torn by a crash before its batch was synced, so its pointer was
             # never swapped: as if it had not been written.
-            _unlink(path)
+            removeFile(path)
             return None
 
     def _readUndo(self, uowId: int) -> dict | None:  # type: ignore[type-arg]
@@ -216,7 +210,7 @@ class FilesystemStash:
                 writeFile(path, [text.encode()])
         elif sync:
             temporary = path.with_name(f".tmp-{path.name}")
-            _unlink(temporary)
+            removeFile(temporary)
             os.symlink(text, temporary)
             os.rename(temporary, path)
             fsyncDirectory(self._undo)
@@ -371,10 +365,7 @@ class FilesystemStash:
         if target is None or target.split(".")[-1].startswith("d"):
             return
         for name in (target, target + ".type"):
-            try:
-                os.unlink(directory / name)
-            except FileNotFoundError:
-                pass
+            removeFile(directory / name)
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
         return self._group.submit(self._rollback, uow)
@@ -419,7 +410,7 @@ class FilesystemStash:
             self._sync()
         self._swappedAt.pop(uow.id, None)
         if self._rolledBackAttempts.pop(uow.id, None) is not None:
-            _unlink(self._rolledBack / str(uow.id))
+            removeFile(self._rolledBack / str(uow.id))
         undo = self._readUndo(uow.id)
         if undo is None:
             return
@@ -428,7 +419,7 @@ class FilesystemStash:
             current = self._current(pointer)
             if current is None or current[0] != undo["before"]:
                 self._removeVersion(pointer.parent, undo["before"])
-        _unlink(self._undoPath(uow.id))
+        removeFile(self._undoPath(uow.id))
         del self._undos[uow.id]
 
     def read(self, key: str) -> Deferred[Document | None]:
