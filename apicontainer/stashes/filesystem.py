@@ -73,6 +73,18 @@ _MAX_SEGMENT = 120
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
 
 
+def _symlink(target: str, path: Path) -> None:
+    """
+    Create the symlink C{path} to C{target}, replacing one that a crash
+    left there.
+    """
+    try:
+        os.symlink(target, path)
+    except FileExistsError:
+        os.unlink(path)
+        os.symlink(target, path)
+
+
 def encodeSegment(segment: str) -> str:
     """
     A key segment as a file name that is always safe and never special.
@@ -209,17 +221,9 @@ class FilesystemStash:
             else:
                 writeFile(path, [text.encode()])
         elif sync:
-            temporary = path.with_name(f".tmp-{path.name}")
-            removeFile(temporary)
-            os.symlink(text, temporary)
-            os.rename(temporary, path)
-            fsyncDirectory(self._undo)
+            self._point(path, text)
         else:
-            try:
-                os.symlink(text, path)
-            except FileExistsError:
-                os.unlink(path)
-                os.symlink(text, path)
+            _symlink(text, path)
         self._undos[uowId] = undo
 
     def _rolledBackAttempt(self, uowId: int) -> int:
@@ -323,19 +327,18 @@ class FilesystemStash:
         self._ensureDirectory(pointer.parent)
         if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
             return
-        if not contentType:
-            writeFile(pointer.with_name(target), [body])
-            return
-        if self._attributes:
+        version = pointer.with_name(target)
+        if contentType and self._attributes:
             try:
-                writeFile(pointer.with_name(target), [body], {_CONTENT_TYPE: contentType.encode("utf-8")})
+                writeFile(version, [body], {_CONTENT_TYPE: contentType.encode("utf-8")})
                 return
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
                 self._attributes = False
-        writeFile(pointer.with_name(target), [body])
-        writeFile(pointer.with_name(target + ".type"), [contentType.encode("utf-8")])
+        writeFile(version, [body])
+        if contentType:
+            writeFile(version.with_name(target + ".type"), [contentType.encode("utf-8")])
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """
@@ -353,12 +356,7 @@ class FilesystemStash:
         Make C{pointer} link to C{target}, atomically (not yet durably).
         """
         temporary = pointer.with_name(f".tmp-{pointer.name}")
-        try:
-            os.symlink(target, temporary)
-        except FileExistsError:
-            # Left by a crash between the two calls.
-            os.unlink(temporary)
-            os.symlink(target, temporary)
+        _symlink(target, temporary)
         os.rename(temporary, pointer)
 
     def _removeVersion(self, directory: Path, target: str | None) -> None:
