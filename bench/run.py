@@ -10,8 +10,9 @@ process over loopback (each request a key of its own), and prints req/s,
 p50, p99 and the server's peak RSS, each also as a ratio to the baseline (a
 Klein app that reads the body and stores nothing) measured in the same run
 with the same concurrency and body size. Beside each baseline it measures
-the floor (bench/floor.py: the same app writing each body durably to a file
-of its own, the least durable work a request on the default config needs).
+two floors: bench/floor.py (the same app writing each body durably to a file
+of its own) and bench/designfloor.py (the same app doing the least work the
+design's order of durable steps needs: spool, then SQLite and a file).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from typing import Any
 
 HERE = Path(__file__).parent
 TWIST = str(Path(sys.executable).parent / "twist")
+# Measured beside each baseline: bench/floor.py (one durable file per
+# request) and bench/designfloor.py (the least work the design's order of
+# durable steps needs).
+FLOORS = ("floor", "designfloor")
 
 
 def freePort() -> int:
@@ -103,12 +108,24 @@ def wrk(port: int, concurrency: int, seconds: float, body: int, failEvery: int) 
             "non2xx": int(non2xx[1]) if non2xx else 0}
 
 
+def cpuSeconds(pid: int) -> float:
+    """
+    The CPU time (user and system, all threads) process C{pid} has used.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(command: list[str], port: int, concurrency: int, seconds: float, body: int, failEvery: int, cwd: Path) -> dict[str, Any]:
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         waitFor(port)
         wrk(port, concurrency, 1.0, body, failEvery)  # warm up
+        before = cpuSeconds(process.pid)
         result = wrk(port, concurrency, seconds, body, failEvery)
+        # The server's CPU time per request: steadier than req/s on a shared
+        # machine, and it shows what a request costs when the CPU is the limit.
+        result["cpu_ms"] = 1000 * (cpuSeconds(process.pid) - before) / max(1, result["requests"])
         result["rss"] = peakRSS(process.pid)
         return result
     finally:
@@ -121,14 +138,17 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
     if key not in baselines:
         port = freePort()
         baselines[key] = measure([sys.executable, "-m", "bench.baseline", str(port)], port, concurrency, seconds, body, 0, HERE.parent)
-        floorData = Path(tempfile.mkdtemp(prefix="floor-", dir=work))
-        port = freePort()
-        floor = measure([sys.executable, "-m", "bench.floor", str(port), str(floorData)], port, concurrency, seconds, body, 0, HERE.parent)
-        shutil.rmtree(floorData, ignore_errors=True)
-        baselines[key]["floor"] = floor
-        print(f"c={concurrency} body={body}: baseline {baselines[key]['rps']:.0f} req/s, p99 {baselines[key]['p99']:.2f} ms;"
-              f" floor {floor['rps']:.0f} req/s ({floor['rps'] / baselines[key]['rps']:.2f}x), p99 {floor['p99']:.2f} ms"
-              f" ({floor['p99'] / baselines[key]['p99']:.1f}x)", flush=True)
+        line = (f"c={concurrency} body={body}: baseline {baselines[key]['rps']:.0f} req/s, p99 {baselines[key]['p99']:.2f} ms,"
+                f" CPU {baselines[key]['cpu_ms']:.2f} ms/req")
+        for floor in FLOORS:
+            floorData = Path(tempfile.mkdtemp(prefix=f"{floor}-", dir=work))
+            port = freePort()
+            result = measure([sys.executable, "-m", f"bench.{floor}", str(port), str(floorData)], port, concurrency, seconds, body, 0, HERE.parent)
+            shutil.rmtree(floorData, ignore_errors=True)
+            baselines[key][floor] = result
+            line += (f"; {floor} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
+                     f" p99 {result['p99']:.2f} ms ({result['p99'] / baselines[key]['p99']:.1f}x), CPU {result['cpu_ms']:.2f} ms/req")
+        print(line, flush=True)
     data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
     port, admin = freePort(), freePort()
     (data / "config.yaml").write_text(config(port, admin, data / "var", stashes, failing))
@@ -199,25 +219,29 @@ def cases(quick: bool) -> list[tuple[int, int, int, bool]]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| c | body | stashes | failing | req/s | x baseline | p50 ms | p99 ms | p99 x baseline | peak RSS MiB |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| c | body | stashes | failing | req/s | x baseline | p50 ms | p99 ms | p99 x baseline | CPU ms/req | peak RSS MiB |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         rows.append(
             f"| {r['concurrency']} | {r['body'] // 1024} KiB | {r['stashes']} | {r['failing']} | {r['rps']:.0f} |"
-            f" {r['rps_ratio']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99_ratio']:.1f} | {r['rss'] / 2**20:.0f} |"
+            f" {r['rps_ratio']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99_ratio']:.1f} | {r['cpu_ms']:.2f} |"
+            f" {r['rss'] / 2**20:.0f} |"
         )
     return "\n".join(rows)
 
 
 def baselineTable(baselines: dict[tuple[int, int], dict[str, Any]]) -> str:
-    rows = ["| c | body | baseline req/s | baseline p99 ms | floor req/s | floor x baseline | floor p99 ms | floor p99 x baseline |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| c | body | baseline req/s | baseline p99 ms | baseline CPU ms/req | " + " | ".join(
+                f"{floor} req/s | {floor} x baseline | {floor} p99 ms | {floor} p99 x baseline | {floor} CPU ms/req"
+                for floor in FLOORS) + " |",
+            "| ---: | ---: | ---: | ---: | ---: |" + " ---: | ---: | ---: | ---: | ---: |" * len(FLOORS)]
     for (c, body), base in baselines.items():
-        floor = base["floor"]
-        rows.append(
-            f"| {c} | {body // 1024} KiB | {base['rps']:.0f} | {base['p99']:.2f} | {floor['rps']:.0f} |"
-            f" {floor['rps'] / base['rps']:.2f} | {floor['p99']:.2f} | {floor['p99'] / base['p99']:.1f} |"
-        )
+        row = f"| {c} | {body // 1024} KiB | {base['rps']:.0f} | {base['p99']:.2f} | {base['cpu_ms']:.2f} |"
+        for floor in FLOORS:
+            result = base[floor]
+            row += (f" {result['rps']:.0f} | {result['rps'] / base['rps']:.2f} | {result['p99']:.2f} |"
+                    f" {result['p99'] / base['p99']:.1f} | {result['cpu_ms']:.2f} |")
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -242,7 +266,7 @@ def main() -> None:
             results.append(result)
             print(f"c={c} body={body} stashes={stashes} failing={result['failing']}: {result['rps']:.0f} req/s"
                   f" ({result['rps_ratio']:.2f}x baseline), p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms"
-                  f" ({result['p99_ratio']:.1f}x), peak RSS {result['rss'] / 2**20:.0f} MiB, non-2xx {result['non2xx']}", flush=True)
+                  f" ({result['p99_ratio']:.1f}x), CPU {result['cpu_ms']:.2f} ms/req, peak RSS {result['rss'] / 2**20:.0f} MiB, non-2xx {result['non2xx']}", flush=True)
     print()
     print(table(results))
     print()

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 
 def test_quickRun() -> None:
     """
-    `python -m bench.run --quick` starts the server and the baseline, drives
-    them with wrk, and prints a table row with ratios.
+    `python -m bench.run --quick` starts the server, the baseline and both
+    floors, drives them with wrk, and prints a table row with ratios.
     """
     if shutil.which("wrk") is None:
         reason = "wrk is not installed (apt-get install wrk)"
@@ -34,8 +34,12 @@ def test_quickRun() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 16 | 1 KiB | 2 | 0% |")]
     assert len(rows) == 1, result.stdout
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert float(cells[4]) > 0 and float(cells[5]) > 0
-    floors = [line for line in result.stdout.splitlines() if line.startswith("| 16 | 1 KiB | ") and len(line.split("|")) == 10]
+    assert float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[9]) > 0  # req/s, ratio, CPU
+    # The baselines' table: the baseline, then each floor (req/s, ratio, p99, ratio, CPU).
+    floors = [line for line in result.stdout.splitlines() if line.startswith("| 16 | 1 KiB | ") and len(line.split("|")) == 17]
     assert len(floors) == 1, result.stdout
-    floor = [cell.strip() for cell in floors[0].strip("|").split("|")]
-    assert float(floor[2]) > 0 and float(floor[4]) > 0
+    floor = [float(cell) for cell in floors[0].strip("|").split("|")[2:]]
+    assert floor[0] > 0 and floor[1] > 0 and floor[2] > 0  # the baseline
+    for rate, ratio, p99, p99Ratio, cpu in (floor[3:8], floor[8:13]):
+        assert rate > 0 and p99 > 0 and cpu > 0
+        assert ratio == pytest.approx(rate / floor[0], abs=0.01)
