@@ -70,12 +70,30 @@ def removeFile(path: Path) -> bool:
     return True
 
 
+_WRITE_BYTES = 1 << 20
+
+
 def _writeAll(fd: int, chunks: Iterable[bytes]) -> None:
     """
     Write every chunk to C{fd}, with as few system calls as the kernel
-    allows (one C{writev} for all of them, more only after a short write).
+    allows: one C{writev} for each megabyte or so of chunks (all of them,
+    for a small file), more only after a short write. Chunks are taken from
+    C{chunks} as they are written, so that a stream of them is never held
+    whole.
     """
-    views = [memoryview(chunk) for chunk in chunks if len(chunk)]
+    views: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        if len(chunk):
+            views.append(memoryview(chunk))
+            size += len(chunk)
+        if size >= _WRITE_BYTES:
+            _writev(fd, views)
+            views, size = [], 0
+    _writev(fd, views)
+
+
+def _writev(fd: int, views: list[memoryview]) -> None:
     while views:
         written = os.writev(fd, views)
         while views and written >= len(views[0]):

@@ -66,7 +66,7 @@ class FrontQueue:
         uowId = await self._ids.allocate()
         uow = evolve(request, id=uowId, attempt=uowId)
         try:
-            await self._spool.write(uow)
+            uow = await self._spool.write(uow)
         except BaseException:
             self._release(uowId, None)
             raise

@@ -22,7 +22,7 @@ from .keys import BadKey, keyFromPath
 from .responses import errorResponse, jsonResponse
 from .spool import SpoolError, SpoolFull
 from .idempotency import BadIdempotencyKey, KeyConflict, validateKey
-from .uow import MUTATING_METHODS, Outcome, Report, UnitOfWork
+from .uow import MUTATING_METHODS, Outcome, Report, SpooledBody, UnitOfWork
 
 READING_METHODS = frozenset({"GET", "HEAD"})
 _ALLOW_MUTATIONS = "DELETE, PATCH, POST, PUT"
@@ -126,15 +126,18 @@ class Ingress:
         return errorResponse(request, 404, "not_found", f"nothing is stored under {key}")
 
     async def _mutate(self, request: IRequest, method: str, route: str, key: str) -> bytes:
-        body = request.content.read() if request.content is not None else b""
-        if len(body) > self._limits.maxBodyBytes:
+        # A large body stays in the file Twisted received it into, and is
+        # streamed from there to the spool.
+        body = SpooledBody.ofFile(request.content) if request.content is not None else b""
+        size = len(body) if isinstance(body, bytes) else body.length
+        if size > self._limits.maxBodyBytes:
             return errorResponse(
                 request,
                 413,
                 "too_large",
                 f"the body exceeds limits.max_body_bytes ({self._limits.maxBodyBytes} bytes)",
             )
-        if not self._container.spool.hasRoom(len(body) + 4096, self._limits.minFreeBytes):
+        if not self._container.spool.hasRoom(size + 4096, self._limits.minFreeBytes):
             return errorResponse(
                 request,
                 503,
@@ -169,7 +172,7 @@ class Ingress:
             receivedAt=self._clock.seconds(),
             idempotencyKey=idempotencyKey,
         )
-        self._container.metrics.requestBytes.observe(len(body))
+        self._container.metrics.requestBytes.observe(size)
         self.inFlight += 1
         try:
             if idempotencyKey is not None:

@@ -18,13 +18,15 @@ checks is moved to C{quarantine/} and never replayed.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Iterator, Sequence
 
+from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -38,7 +40,7 @@ from .durable import (
     syncFilesystem,
     writeAtomically,
 )
-from .uow import UnitOfWork
+from .uow import CHUNK_BYTES, INLINE_BODY_BYTES, SpooledBody, UnitOfWork
 
 MAGIC = b"ACSPOOL1"
 _LENGTHS = struct.Struct(">IQ")
@@ -78,10 +80,7 @@ class CorruptSpoolFile(Exception):
     """
 
 
-def encode(uow: UnitOfWork) -> list[bytes]:
-    """
-    Frame C{uow} as the chunks of a spool file.
-    """
+def _head(uow: UnitOfWork) -> bytes:
     metadata = json.dumps(
         {
             "uow": uow.id,
@@ -94,33 +93,70 @@ def encode(uow: UnitOfWork) -> list[bytes]:
         },
         separators=(",", ":"),
     ).encode("utf-8")
-    head = MAGIC + _LENGTHS.pack(len(metadata), len(uow.body)) + metadata
-    checksum = zlib.crc32(uow.body, zlib.crc32(head))
-    return [head, uow.body, _CHECKSUM.pack(checksum)]
+    return MAGIC + _LENGTHS.pack(len(metadata), uow.bodyLength) + metadata
+
+
+def encode(uow: UnitOfWork) -> Iterator[bytes]:
+    """
+    Frame C{uow} as the chunks of a spool file; a large body is streamed
+    from where it lies, a chunk at a time.
+    """
+    head = _head(uow)
+    yield head
+    checksum = zlib.crc32(head)
+    for chunk in uow.bodyChunks():
+        checksum = zlib.crc32(chunk, checksum)
+        yield chunk
+    yield _CHECKSUM.pack(checksum)
 
 
 def decode(data: bytes) -> UnitOfWork:
     """
-    Parse a spool file.
+    Parse a spool file held in memory.
 
     @raise CorruptSpoolFile: The file is torn, corrupt or not a spool file.
     """
+    return _decodeFrom(io.BytesIO(data), len(data), None)
+
+
+def _decodeFrom(f: IO[bytes], size: int, path: Path | None) -> UnitOfWork:
+    """
+    Parse the spool file C{f} of C{size} bytes, checking it whole. With a
+    C{path}, a body larger than L{INLINE_BODY_BYTES} is not held: the UOW
+    refers to it in the file.
+    """
     fixed = len(MAGIC) + _LENGTHS.size
-    if len(data) < fixed + _CHECKSUM.size or not data.startswith(MAGIC):
+    head = f.read(fixed)
+    if size < fixed + _CHECKSUM.size or len(head) != fixed or not head.startswith(MAGIC):
         raise CorruptSpoolFile("not a spool file, or torn before its header ended")
-    metadataLength, bodyLength = _LENGTHS.unpack_from(data, len(MAGIC))
+    metadataLength, bodyLength = _LENGTHS.unpack_from(head, len(MAGIC))
     if metadataLength > _MAX_METADATA:
         raise CorruptSpoolFile(f"metadata length {metadataLength} is implausible")
     end = fixed + metadataLength + bodyLength
-    if len(data) != end + _CHECKSUM.size:
-        raise CorruptSpoolFile(
-            f"length is {len(data)} bytes, the frame says {end + _CHECKSUM.size}"
-        )
-    (expected,) = _CHECKSUM.unpack_from(data, end)
-    if zlib.crc32(memoryview(data)[:end]) != expected:
+    if size != end + _CHECKSUM.size:
+        raise CorruptSpoolFile(f"length is {size} bytes, the frame says {end + _CHECKSUM.size}")
+    rawMetadata = f.read(metadataLength)
+    checksum = zlib.crc32(rawMetadata, zlib.crc32(head))
+    held = path is None or bodyLength <= INLINE_BODY_BYTES
+    chunks = []
+    left = bodyLength
+    while left:
+        chunk = f.read(min(left, CHUNK_BYTES))
+        if not chunk:
+            raise CorruptSpoolFile("the file ended inside its body")
+        checksum = zlib.crc32(chunk, checksum)
+        left -= len(chunk)
+        if held:
+            chunks.append(chunk)
+    (expected,) = _CHECKSUM.unpack(f.read(_CHECKSUM.size))
+    if checksum != expected:
         raise CorruptSpoolFile("checksum mismatch")
+    body: bytes | SpooledBody = b"".join(chunks)
+    if not held:
+        assert path is not None
+        body = SpooledBody(path, fixed + metadataLength, bodyLength)
     try:
-        metadata = json.loads(data[fixed : fixed + metadataLength])
+        metadata = json.loads(rawMetadata)
         uowId = int(metadata["uow"])
         return UnitOfWork(
             id=uowId,
@@ -128,7 +164,7 @@ def decode(data: bytes) -> UnitOfWork:
             method=str(metadata["method"]),
             key=str(metadata["key"]),
             route=str(metadata["route"]),
-            body=data[fixed + metadataLength : end],
+            body=body,
             contentType=metadata["content_type"],
             receivedAt=float(metadata["received_at"]),
             idempotencyKey=metadata["idempotency_key"],
@@ -178,32 +214,36 @@ class Spool:
         """
         return self.directory / fileName(uowId)
 
-    def write(self, uow: UnitOfWork) -> Deferred[None]:
+    def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
         """
         Record C{uow} durably.
 
         Writes that arrive together share one thread-pool hop and one
         C{syncfs} (group commit): every file is written and renamed into
         place, then the file system is synced once for all of them, before
-        any of them is acknowledged.
+        any of them is acknowledged. A large body is copied a chunk at a
+        time from where it lies.
 
-        @return: A Deferred that fires with L{None} once the file and its
-            directory entry are fsynced, or fails with L{SpoolFull} or
-            L{SpoolError}, in which case no spool file exists.
+        @return: A Deferred that fires once the file and its directory entry
+            are fsynced, with the UOW as spooled (a large body now refers to
+            the spool file), or fails with L{SpoolFull} or L{SpoolError}, in
+            which case no spool file exists.
         """
         return self._group.submit(self._write, uow)
 
-    def _write(self, uow: UnitOfWork) -> Path:
+    def _write(self, uow: UnitOfWork) -> UnitOfWork:
         path = self.path(uow.id)
         try:
             writeAtomically(path, encode(uow), sync=False)
         except OSError as e:
             raise _spoolError(e) from e
-        return path
+        if uow.bodyLength <= INLINE_BODY_BYTES:
+            return uow
+        return evolve(uow, body=SpooledBody(path, len(_head(uow)), uow.bodyLength))
 
     def _writeBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         outcomes = runEach(operations)
-        written = [path for ok, path in outcomes if ok]
+        written = [self.path(uow.id) for ok, uow in outcomes if ok]
         if written:
             try:
                 syncFilesystem(self.directory)
@@ -228,7 +268,9 @@ class Spool:
         return self._blocking(self._load, uowId)
 
     def _load(self, uowId: int) -> UnitOfWork:
-        uow = decode(self.path(uowId).read_bytes())
+        path = self.path(uowId)
+        with open(path, "rb") as f:
+            uow = _decodeFrom(f, os.fstat(f.fileno()).st_size, path)
         if uow.id != uowId:
             raise CorruptSpoolFile(f"file of UOW {uowId} holds UOW {uow.id}")
         return uow

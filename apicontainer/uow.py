@@ -5,14 +5,79 @@ Units of work, the verdicts stashes give on them, and their reports.
 from __future__ import annotations
 
 import hashlib
+import os
 from enum import Enum
-from typing import Any, Mapping
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping
 
 from attrs import Factory, define, field, frozen
 
 from .multipart import Part, findPart
 
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+#: Bodies up to this size are held in memory; larger ones stay on disk and
+#: are read when a stash needs them, so that memory does not grow with the
+#: number of large requests in flight.
+INLINE_BODY_BYTES = 64 * 1024
+CHUNK_BYTES = 64 * 1024
+
+
+@frozen
+class SpooledBody:
+    """
+    A body too large to hold in memory: C{length} bytes at C{offset} of a
+    file, read again each time it is needed.
+
+    @ivar source: The path of the file (the UOW's spool file), or an open
+        seekable file (the request's body, before it is spooled), which is
+        read from one thread at a time.
+    """
+
+    source: Path | IO[bytes]
+    offset: int
+    length: int
+
+    def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+        """
+        The body, C{size} bytes at a time.
+
+        @raise OSError: The file is gone or shorter than the body.
+        """
+        if isinstance(self.source, Path):
+            with open(self.source, "rb") as f:
+                yield from self._read(f, size)
+        else:
+            yield from self._read(self.source, size)
+
+    def _read(self, f: IO[bytes], size: int) -> Iterator[bytes]:
+        f.seek(self.offset)
+        left = self.length
+        while left:
+            chunk = f.read(min(size, left))
+            if not chunk:
+                raise OSError(f"{self.source} ended {left} bytes before the body's end")
+            left -= len(chunk)
+            yield chunk
+
+    def read(self) -> bytes:
+        """
+        The whole body, read now.
+        """
+        return b"".join(self.chunks())
+
+    @classmethod
+    def ofFile(cls, f: IO[bytes]) -> bytes | SpooledBody:
+        """
+        The body in C{f} (from its start): its bytes when it is small, else
+        a reference to it.
+        """
+        f.seek(0, os.SEEK_END)
+        length = f.tell()
+        f.seek(0)
+        if length <= INLINE_BODY_BYTES:
+            return f.read()
+        return cls(f, 0, length)
 
 
 @define
@@ -32,7 +97,8 @@ class UnitOfWork:
     @ivar key: The resource key: the normalized request path.
     @ivar route: The configured route pattern that matched the key.
     @ivar contentType: The request's C{Content-Type}, if it had one.
-    @ivar body: The request body.
+    @ivar body: The request body (L{bytes}; a large body is read from disk
+        at each access, see L{bodyLength} and L{bodyChunks}).
     @ivar receivedAt: When ingress accepted the request (POSIX seconds).
     @ivar idempotencyKey: The request's C{Idempotency-Key}, if any.
     """
@@ -41,7 +107,7 @@ class UnitOfWork:
     method: str
     key: str
     route: str
-    body: bytes
+    _body: bytes | SpooledBody = field(alias="body", eq=lambda body: body.read() if isinstance(body, SpooledBody) else body)
     contentType: str | None = None
     receivedAt: float = 0.0
     idempotencyKey: str | None = None
@@ -50,6 +116,35 @@ class UnitOfWork:
         default=Factory(dict), eq=False, repr=False, alias="_parts"
     )
     _digest: str | None = field(default=None, eq=False, repr=False, alias="_digest")
+
+    @property
+    def body(self) -> bytes:
+        """
+        The request body. A body larger than L{INLINE_BODY_BYTES} is not
+        held: each access reads it again from disk (in the thread that
+        asks), so read it once per use, where blocking is allowed.
+        """
+        if isinstance(self._body, SpooledBody):
+            return self._body.read()
+        return self._body
+
+    @property
+    def bodyLength(self) -> int:
+        """
+        The length of the body, without reading it.
+        """
+        if isinstance(self._body, SpooledBody):
+            return self._body.length
+        return len(self._body)
+
+    def bodyChunks(self) -> Iterator[bytes]:
+        """
+        The body in pieces of at most L{CHUNK_BYTES} (from disk for a large
+        body), to stream it.
+        """
+        if isinstance(self._body, SpooledBody):
+            return self._body.chunks()
+        return iter([self._body] if self._body else [])
 
     @property
     def isRetry(self) -> bool:
@@ -71,7 +166,8 @@ class UnitOfWork:
         for part in (self.method, self.key, self.contentType or ""):
             encoded = part.encode("utf-8", "surrogateescape")
             digest.update(b"%d:%s" % (len(encoded), encoded))
-        digest.update(self.body)
+        for chunk in self.bodyChunks():
+            digest.update(chunk)
         self._digest = digest.hexdigest()
         return self._digest
 

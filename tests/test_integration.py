@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import pytest_twisted
@@ -83,6 +84,56 @@ def test_brokenDestinationRollsBack(server: RunningServer) -> None:
     assert (status, dropped["state"]) == (200, "dropped")
     assert os.listdir(server.dataDir / "spool") == []
     assert server.admin("GET", "/_failed")[1] == {"failed": []}
+
+
+@pytest.fixture
+def largeServer(tmp_path: Path) -> Iterator[RunningServer]:
+    """
+    The server of the default config, taking bodies of up to 8 MiB.
+    """
+    running = RunningServer(tmp_path, DEFAULT.replace("max_body_bytes: 65536", "max_body_bytes: 8388608"))
+    running.start()
+    try:
+        yield running
+    finally:
+        running.kill(signal.SIGTERM)
+
+
+def test_largeBodyStreamsToEveryStore(largeServer: RunningServer) -> None:
+    """
+    A body larger than what the server holds in memory lands whole in both
+    stores; a large body whose delivery failed is delivered from its spool
+    file when retried, also after a restart.
+    """
+    server = largeServer
+    body = os.urandom(3 * 2**20 + 7)
+    status, _, answer = server.request("PUT", "/items/big", body, {"Content-Type": "application/octet-stream"})
+    assert status == 200, answer
+    uow = json.loads(answer)["uow"]
+    assert sqliteRow(server, "/items/big") == (body, uow)
+    assert (server.dataDir / "files" / "items" / "big.doc").read_bytes() == body
+    assert server.request("GET", "/items/big")[2] == body
+
+    root = server.dataDir / "files"
+    shutil.move(root, server.dataDir / "files-aside")
+    root.write_bytes(b"not a directory")
+    second = body[::-1]
+    status, _, answer = server.request("PUT", "/items/big", second)
+    assert status == 503, answer
+    queued = json.loads(answer)["uow"]
+    server.kill(signal.SIGKILL)
+    root.unlink()
+    shutil.move(server.dataDir / "files-aside", root)
+    server.start()
+    status, _ = server.admin("POST", f"/_failed/{queued}/retry")
+    assert status in (200, 202)
+    deadline = time.monotonic() + 30
+    while server.admin("GET", f"/_uow/{queued}")[1]["state"] != "stored":
+        assert time.monotonic() < deadline, server.admin("GET", f"/_uow/{queued}")
+        time.sleep(0.1)
+    assert sqliteRow(server, "/items/big") == (second, queued)
+    assert (root / "items" / "big.doc").read_bytes() == second
+    assert os.listdir(server.dataDir / "spool") == []
 
 
 def test_ackSurvivesKill9(server: RunningServer) -> None:

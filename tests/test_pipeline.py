@@ -278,11 +278,11 @@ class OrderingTests(PipelineTestCase):
 
         class SlowSpool:
             def __init__(self) -> None:
-                self.writes: dict[int, Deferred[None]] = {}
+                self.writes: dict[int, Deferred[UnitOfWork]] = {}
 
-            def write(self, uow: UnitOfWork) -> Deferred[None]:
+            def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
                 self.writes[uow.id] = Deferred()
-                return self.writes[uow.id]
+                return self.writes[uow.id].addCallback(lambda _: uow)
 
         from apicontainer.blocking import inline
         from apicontainer.uowids import UOWIds
@@ -315,13 +315,13 @@ class OrderingTests(PipelineTestCase):
         from apicontainer.uowids import UOWIds
 
         class FlakySpool:
-            def write(self, uow: UnitOfWork) -> Deferred[None]:
+            def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
                 if uow.id == 1:
                     raise SpoolError("disk on fire")
-                return Deferred.fromCoroutine(self._ok())
+                return Deferred.fromCoroutine(self._ok(uow))
 
-            async def _ok(self) -> None:
-                return None
+            async def _ok(self, uow: UnitOfWork) -> UnitOfWork:
+                return uow
 
         path = Path(self.mktemp())
         path.parent.mkdir(parents=True, exist_ok=True)

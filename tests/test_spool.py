@@ -5,9 +5,12 @@ records beside it.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from unittest import mock
+
+from attrs import evolve
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,7 +19,7 @@ from apicontainer import durable
 from apicontainer.blocking import inline
 from apicontainer.failqueue import FailedState, FileFailQueue, RetryPolicy
 from apicontainer.spool import CorruptSpoolFile, Spool, SpoolError, SpoolFull, decode, encode
-from apicontainer.uow import Report, UnitOfWork, Verdict
+from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, UnitOfWork, Verdict
 from apicontainer.uowids import UOWIds
 
 
@@ -144,6 +147,50 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(self.spool.pending(), [])
         self.flushLoggedErrors()
 
+    def test_largeBodyStreamsThrough(self) -> None:
+        """
+        A body larger than INLINE_BODY_BYTES is copied from the file it was
+        received into, and the UOW the write gives back, like the one a load
+        gives, refers to the spool file instead of holding the body.
+        """
+        body = os.urandom(3 * INLINE_BODY_BYTES + 5)
+        received = io.BytesIO(body)
+        large = SpooledBody.ofFile(received)
+        self.assertIsInstance(large, SpooledBody)
+        spooled = self.successResultOf(self.spool.write(evolve(sample(), body=large)))
+        self.assertEqual(spooled._body, SpooledBody(self.spool.path(7), spooled._body.offset, len(body)))
+        self.assertEqual(spooled.body, body)
+        self.assertEqual(self.spool.path(7).read_bytes(), b"".join(encode(sample(body=body))))
+        loaded = self.successResultOf(self.spool.load(7))
+        self.assertEqual(loaded._body, spooled._body)
+        self.assertEqual(loaded, sample(body=body))
+        self.assertEqual(b"".join(loaded.bodyChunks()), body)
+        self.assertEqual(loaded.payloadHash(), sample(body=body).payloadHash())
+
+    def test_largeBodyCorruptionDetected(self) -> None:
+        """
+        A byte flipped in a large body, or a large file cut short, is caught
+        by the load, which checks the whole file without holding it.
+        """
+        body = os.urandom(2 * INLINE_BODY_BYTES)
+        self.successResultOf(self.spool.write(sample(body=body)))
+        path = self.spool.path(7)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        self.failureResultOf(self.spool.load(7), CorruptSpoolFile)
+        path.write_bytes(bytes(data[:-INLINE_BODY_BYTES]))
+        self.failureResultOf(self.spool.load(7), CorruptSpoolFile)
+
+    def test_smallBodyHeld(self) -> None:
+        """
+        A small body is held in memory, as received, and after a load.
+        """
+        self.assertEqual(SpooledBody.ofFile(io.BytesIO(b"abc")), b"abc")
+        spooled = self.successResultOf(self.spool.write(sample()))
+        self.assertIsInstance(spooled._body, bytes)
+        self.assertIsInstance(self.successResultOf(self.spool.load(7))._body, bytes)
+
     def test_wrongIdInFile(self) -> None:
         """
         A valid frame under another UOW's name is refused.
@@ -170,6 +217,32 @@ class ShortWriteTests(SynchronousTestCase):
             durable.writeFile(path.with_name("other"), chunks)
         self.assertEqual(path.read_bytes(), b"head-the body-crc")
         self.assertEqual(path.with_name("other").read_bytes(), b"head-the body-crc")
+
+    def test_streamNotHeldWhole(self) -> None:
+        """
+        Chunks given as a stream are taken as they are written: a megabyte
+        or so per system call, never the whole stream at once.
+        """
+        taken = 0
+        seen: list[int] = []
+
+        def stream():  # type: ignore[no-untyped-def]
+            nonlocal taken
+            for _ in range(64):
+                taken += 1
+                yield b"x" * 65536
+
+        realWritev = os.writev
+
+        def counting(fd: int, buffers: list[memoryview]) -> int:
+            seen.append(taken)
+            return realWritev(fd, buffers)
+
+        path = Path(self.mktemp())
+        with mock.patch.object(durable.os, "writev", counting):
+            durable.writeFile(path, stream())
+        self.assertEqual(path.stat().st_size, 64 * 65536)
+        self.assertEqual(seen, [16, 32, 48, 64])
 
 
 class UOWIdTests(SynchronousTestCase):

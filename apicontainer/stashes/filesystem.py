@@ -235,7 +235,7 @@ class FilesystemStash:
             self._directories.add(directory)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        return self._group.submit(self._stash, uow, uow.body, uow.contentType).addErrback(unavailable(self, uow, OSError))
+        return self._group.submit(self._stash, uow).addErrback(unavailable(self, uow, OSError))
 
     def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         """
@@ -285,7 +285,7 @@ class FilesystemStash:
     def _swapLater(self, pointer: Path, target: str, uowId: int) -> None:
         self._swaps.append((pointer, target, uowId, len(self._outcomes)))
 
-    def _stash(self, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
+    def _stash(self, uow: UnitOfWork) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
             return Verdict.declined("rolled back before it arrived")
         pointer = self._pointer(uow.key)
@@ -297,7 +297,7 @@ class FilesystemStash:
             if current is None or current[1] < uow.id:
                 # A crash came between recording the undo and swapping the
                 # pointer: finish the write.
-                self._writeVersion(pointer, undo["target"], body, contentType)
+                self._writeVersion(pointer, undo["target"], uow)
                 self._swapLater(pointer, undo["target"], uow.id)
                 return Verdict.stored(detail="completed after a crash")
             return Verdict.stored(detail="already stored")
@@ -307,7 +307,7 @@ class FilesystemStash:
             return Verdict.declined(f"superseded by UOW {current[1]}")
         stem = pointer.name[: -len(".doc")]
         target = f"{stem}.{'d' if uow.isDelete else 'v'}{uow.id}"
-        self._writeVersion(pointer, target, body, contentType)
+        self._writeVersion(pointer, target, uow)
         self._ensureDirectory(self._undo)  # brings the stash back after its root was restored
         undo = {
             "key": uow.key,
@@ -319,24 +319,26 @@ class FilesystemStash:
         self._swapLater(pointer, target, uow.id)
         return Verdict.stored(status=200)
 
-    def _writeVersion(self, pointer: Path, target: str, body: bytes, contentType: str | None) -> None:
+    def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> None:
         """
-        Write the version file C{target} (nothing for a deletion's C{.d}
-        target) beside C{pointer}; the batch's sync makes it durable.
+        Write C{uow}'s body as the version file C{target} (nothing for a
+        deletion's C{.d} target) beside C{pointer}; the batch's sync makes
+        it durable. A large body is copied from the spool a chunk at a time.
         """
         self._ensureDirectory(pointer.parent)
         if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
             return
         version = pointer.with_name(target)
+        contentType = uow.contentType
         if contentType and self._attributes:
             try:
-                writeFile(version, [body], {_CONTENT_TYPE: contentType.encode("utf-8")})
+                writeFile(version, uow.bodyChunks(), {_CONTENT_TYPE: contentType.encode("utf-8")})
                 return
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
                 self._attributes = False
-        writeFile(version, [body])
+        writeFile(version, uow.bodyChunks())
         if contentType:
             writeFile(version.with_name(target + ".type"), [contentType.encode("utf-8")])
 

@@ -120,7 +120,7 @@ class PostgresStash:
         return self._pool.runInteraction(interaction).addCallback(created)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        return self._run(self._tables.stash, uow, uow.body, uow.contentType).addErrback(
+        return self._run(self._tables.stash, uow).addErrback(
             unavailable(self, uow, *_unavailable())
         )
 

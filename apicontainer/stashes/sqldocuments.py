@@ -83,9 +83,11 @@ class DocumentTables:
             f" had_row INTEGER NOT NULL, body {blob}, content_type TEXT, prev_uow {integer})"
         )
 
-    def stash(self, cursor: Any, uow: UnitOfWork, body: bytes, contentType: str | None) -> Verdict:
+    def stash(self, cursor: Any, uow: UnitOfWork) -> Verdict:
         """
-        Apply C{uow} and save its before-image, in the caller's transaction.
+        Apply C{uow} and save its before-image, in the caller's transaction
+        (in the thread that runs it: a large body is read from disk here,
+        only when it is written).
         """
         sql = self._sql
         self._lock(cursor, uow.key)
@@ -114,7 +116,7 @@ class DocumentTables:
             ),
             (uow.id, uow.attempt, uow.key, PREPARED, int(current is not None), *before),
         )
-        newBody, newType = (None, None) if uow.isDelete else (body, contentType)
+        newBody, newType = (None, None) if uow.isDelete else (uow.body, uow.contentType)
         cursor.execute(
             sql(
                 'INSERT INTO "{t}" (key, body, content_type, uow) VALUES (?, ?, ?, ?)'

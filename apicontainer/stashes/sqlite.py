@@ -101,7 +101,7 @@ class SQLiteStash:
         connection.execute("COMMIT")
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        return self._inTransaction(self._tables.stash, uow, uow.body, uow.contentType).addErrback(unavailable(self, uow, sqlite3.Error, OSError))
+        return self._inTransaction(self._tables.stash, uow).addErrback(unavailable(self, uow, sqlite3.Error, OSError))
 
     def _inTransaction(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._group.submit(operation, *args)
