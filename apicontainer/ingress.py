@@ -4,12 +4,15 @@ Ingress: the HTTP surface clients write to and read from.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from klein import Klein
 from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import NotFound
@@ -18,6 +21,7 @@ from werkzeug.routing import Map, Rule
 from .auth import BearerTokens
 from .config import Limits
 from .container import Container
+from .frontqueue import Admission
 from .keys import BadKey, keyFromPath
 from .responses import errorResponse, jsonResponse
 from .spool import SpoolError, SpoolFull
@@ -127,8 +131,12 @@ class Ingress:
 
     async def _mutate(self, request: IRequest, method: str, route: str, key: str) -> bytes:
         # A large body stays in the file Twisted received it into, and is
-        # streamed from there to the spool.
+        # streamed from there to the spool. The file is then ours: Twisted
+        # closes the request's content when the client goes away, perhaps
+        # before the spool has read it.
         body = SpooledBody.ofFile(request.content) if request.content is not None else b""
+        if isinstance(body, SpooledBody):
+            request.content = io.BytesIO()
         size = len(body) if isinstance(body, bytes) else body.length
         if size > self._limits.maxBodyBytes:
             return errorResponse(
@@ -189,11 +197,25 @@ class Ingress:
             self.inFlight -= 1
 
     async def _submit(self, request: IRequest, template: UnitOfWork) -> bytes:
+        # Klein cancels the handler when the client goes away. Spooling must
+        # not be cut short by that: a file written but never queued would
+        # wait for the next restart's recovery. So the handler waits on a
+        # shield that a cancellation fails without touching the admission.
+        admitting = Deferred.fromCoroutine(self._container.submit(template))
+        idempotencyKey = template.idempotencyKey
+        if idempotencyKey is not None:
+
+            def abandon(failure: Failure) -> Failure:
+                failure.trap(SpoolError)
+                self._container.idempotency.abandon(idempotencyKey)
+                return failure
+
+            admitting.addErrback(abandon)
+        shield: Deferred[Admission] = Deferred()
+        admitting.chainDeferred(shield)
         try:
-            admission = await self._container.submit(template)
+            admission = await shield
         except SpoolError as e:
-            if template.idempotencyKey is not None:
-                self._container.idempotency.abandon(template.idempotencyKey)
             if isinstance(e, SpoolFull):
                 return errorResponse(request, 503, "disk_full", str(e), retry_after="5")
             self.log.error("spool write failed: {error}", error=str(e))

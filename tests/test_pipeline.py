@@ -335,6 +335,73 @@ class OrderingTests(PipelineTestCase):
         self.assertEqual([a.uow.id for a in front.queue.pending], [2])
 
 
+class ClientGoneTests(PipelineTestCase):
+    """
+    A client that goes away while its request is being spooled does not
+    stop the UOW: it is spooled, queued and stored all the same.
+    """
+
+    def deliverAfterDisconnect(self, body: bytes) -> MemoryStash:
+        """
+        Send C{body}, hold the spool's write, disconnect the client (Klein
+        then cancels the handler and Twisted closes the request's content),
+        then let the write run.
+        """
+        from treq.testing import StubTreq
+        from twisted.internet.defer import Deferred
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        from twisted.web.resource import Resource
+
+        stash = MemoryStash("a")
+        h = self.build(stash)
+        seen = []
+
+        class Recording(Resource):
+            isLeaf = True
+
+            def render(self, request):  # type: ignore[no-untyped-def]
+                seen.append(request)
+                return h.ingress.resource().render(request)
+
+        held: list[tuple[object, tuple[object, ...], Deferred[object]]] = []
+
+        def hold(f, *args):  # type: ignore[no-untyped-def]
+            held.append((f, args, Deferred()))
+            return held[-1][2]
+
+        h.container.spool._group._blocking = hold
+        client = StubTreq(Recording())
+        client.put("http://apicontainer.test/items/1", data=body)
+        client.flush()
+        [request] = seen
+        [(write, args, done)] = held
+        request.connectionLost(Failure(ConnectionDone()))
+        done.callback(write(*args))  # type: ignore[operator]
+        client.flush()
+        self.assertEqual(self.spooled(), [])
+        return stash
+
+    def test_smallBody(self) -> None:
+        """
+        A small body, held in memory.
+        """
+        stash = self.deliverAfterDisconnect(b"small")
+        self.assertEqual(stash.documents["/items/1"].body, b"small")
+
+    def test_largeBody(self) -> None:
+        """
+        A body streamed from the file Twisted received it into: that file is
+        the UOW's, not Twisted's, which closes the request's content when
+        the client goes.
+        """
+        from apicontainer.uow import INLINE_BODY_BYTES
+
+        body = os.urandom(2 * INLINE_BODY_BYTES + 1)
+        stash = self.deliverAfterDisconnect(body)
+        self.assertEqual(stash.documents["/items/1"].body, body)
+
+
 class IngressRefusalTests(PipelineTestCase):
     """
     Requests refused before spooling get the JSON error DESIGN.md names and

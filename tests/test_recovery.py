@@ -327,6 +327,23 @@ class IdempotencyTests(HarnessTestCase):
         self.assertEqual((response.code, response.json()["error"]), (422, "idempotency_key"))  # type: ignore[attr-defined]
         self.assertEqual(a.bodies(), {"/items/1": b"x"})
 
+    def test_refusedSpoolingFreesTheKey(self) -> None:
+        """
+        A request whose spooling failed (a full disk) holds no claim on its
+        key: its repeat is a new request, not a 409.
+        """
+        import errno
+        from unittest import mock
+
+        a = MemoryStash("a")
+        h = self.build(a)
+        with mock.patch("apicontainer.durable.os.writev", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+            refused = self.put(h, b"x")
+        self.assertEqual(refused.code, 503)  # type: ignore[attr-defined]
+        again = self.put(h, b"x")
+        self.assertEqual((again.code, again.json()["outcome"]), (200, "stored"))  # type: ignore[attr-defined]
+        self.assertEqual(a.bodies(), {"/items/1": b"x"})
+
     def test_inFlightIs409(self) -> None:
         """
         A repeat while the first is still under way is 409; the key is free
