@@ -28,18 +28,24 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from klein import Klein
-from twisted.internet import endpoints, reactor
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.web.server import Site
 
 from apicontainer.blocking import inThreadPool
 from apicontainer.durable import syncFilesystem, writeFile
 from apicontainer.groupcommit import GroupCommit, Operation, Outcome, runEach
+
+from .floor import serve, stored
+
+
+def batched(*args: object) -> None:
+    """
+    The operation of a batch whose runBatch does the work of all at once.
+    """
 
 
 class DesignFloor:
@@ -82,22 +88,14 @@ class DesignFloor:
         self.count += 1
         key = str(self.count)
 
-        def stash(_: object) -> Deferred[object]:
+        def stash(_: object) -> Deferred[list[object]]:
             return gatherResults([
-                self.records.submit(None, key, body),
+                self.records.submit(batched, key, body),
                 self.documents.submit(writeFile, self.files / key, [body]),
             ])
 
-        def answer(_: object) -> bytes:
-            request.setHeader(b"content-type", b"application/json")
-            return b'{"outcome":"stored"}\n'
-
-        return self.spool.submit(None, body).addCallback(stash).addCallback(answer)
+        return self.spool.submit(batched, body).addCallback(stash).addCallback(lambda _: stored(request))
 
 
 if __name__ == "__main__":
-    directory = Path(sys.argv[2])
-    os.makedirs(directory, exist_ok=True)
-    site = Site(DesignFloor(directory).app.resource())
-    endpoints.serverFromString(reactor, f"tcp:{sys.argv[1]}:interface=127.0.0.1").listen(site)
-    reactor.run()
+    serve(DesignFloor)
