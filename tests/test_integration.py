@@ -126,7 +126,7 @@ def test_largeBodyStreamsToEveryStore(largeServer: RunningServer) -> None:
     shutil.move(server.dataDir / "files-aside", root)
     server.start()
     status, _ = server.admin("POST", f"/_failed/{queued}/retry")
-    assert status in (200, 202)
+    assert status in (200, 202, 409), status  # 409: the fail queue is retrying it already
     deadline = time.monotonic() + 30
     while server.admin("GET", f"/_uow/{queued}")[1]["state"] != "stored":
         assert time.monotonic() < deadline, server.admin("GET", f"/_uow/{queued}")
