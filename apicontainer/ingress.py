@@ -137,7 +137,7 @@ class Ingress:
         body = SpooledBody.ofFile(request.content) if request.content is not None else b""
         if isinstance(body, SpooledBody):
             request.content = io.BytesIO()
-        size = len(body) if isinstance(body, bytes) else body.length
+        size = SpooledBody.lengthOf(body)
         if size > self._limits.maxBodyBytes:
             return errorResponse(
                 request,

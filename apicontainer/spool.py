@@ -101,7 +101,10 @@ def encode(uow: UnitOfWork) -> Iterator[bytes]:
     Frame C{uow} as the chunks of a spool file; a large body is streamed
     from where it lies, a chunk at a time.
     """
-    head = _head(uow)
+    return _frame(_head(uow), uow)
+
+
+def _frame(head: bytes, uow: UnitOfWork) -> Iterator[bytes]:
     yield head
     checksum = zlib.crc32(head)
     for chunk in uow.bodyChunks():
@@ -233,13 +236,14 @@ class Spool:
 
     def _write(self, uow: UnitOfWork) -> UnitOfWork:
         path = self.path(uow.id)
+        head = _head(uow)
         try:
-            writeAtomically(path, encode(uow), sync=False)
+            writeAtomically(path, _frame(head, uow), sync=False)
         except OSError as e:
             raise _spoolError(e) from e
         if uow.bodyLength <= INLINE_BODY_BYTES:
             return uow
-        return evolve(uow, body=SpooledBody(path, len(_head(uow)), uow.bodyLength))
+        return evolve(uow, body=SpooledBody(path, len(head), uow.bodyLength))
 
     def _writeBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         outcomes = runEach(operations)

@@ -66,6 +66,13 @@ class SpooledBody:
         """
         return b"".join(self.chunks())
 
+    @staticmethod
+    def lengthOf(body: bytes | SpooledBody) -> int:
+        """
+        The length of C{body}, held or not, without reading it.
+        """
+        return body.length if isinstance(body, SpooledBody) else len(body)
+
     @classmethod
     def ofFile(cls, f: IO[bytes]) -> bytes | SpooledBody:
         """
@@ -133,9 +140,7 @@ class UnitOfWork:
         """
         The length of the body, without reading it.
         """
-        if isinstance(self._body, SpooledBody):
-            return self._body.length
-        return len(self._body)
+        return SpooledBody.lengthOf(self._body)
 
     def bodyChunks(self) -> Iterator[bytes]:
         """

@@ -215,11 +215,12 @@ class FilesystemStash:
         """
         path = self._undoPath(uowId)
         text = json.dumps(undo)
-        if len(text.encode()) >= _MAX_SYMLINK:
+        data = text.encode()
+        if len(data) >= _MAX_SYMLINK:
             if sync:
-                writeAtomically(path, [text.encode()])
+                writeAtomically(path, [data])
             else:
-                writeFile(path, [text.encode()])
+                writeFile(path, [data])
         elif sync:
             self._point(path, text)
         else:
