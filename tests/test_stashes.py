@@ -5,9 +5,11 @@ embedded ones keep their own promises on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -179,34 +181,178 @@ class FilesystemStashTests(SynchronousTestCase):
         """
         An undo record torn by a crash (its batch never synced, so its
         pointer never swapped) counts as unwritten: the write is done again
-        and the record replaced by a whole one.
+        and the record replaced by a whole one. Whole records of the same
+        journal still count.
         """
-        (self.root / ".undo" / "7.json").write_bytes(b'{"key": "/ite')
+        (self.root / ".undo" / "7.json").write_bytes(b'{"key": "/ite')  # an earlier release's record file
+        whole = {"uow": 8, "key": "/items/43", "attempt": 1, "before": None, "target": "43.v8"}
+        (self.root / ".undo" / "batch-3.jsonl").write_bytes(
+            json.dumps(whole).encode() + b'\n{"uow": 9, "key": "/items/44", "att'
+        )
         self.stash = FilesystemStash("files", self.root, inline)  # the restart after the crash
         self.successResultOf(self.stash.start())
-        self.assertEqual(list((self.root / ".undo").iterdir()), [])
-        verdict = self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello")))
-        self.assertEqual(verdict.kind, VerdictKind.stored)
+        self.assertEqual(os.listdir(self.root / ".undo"), ["batch-3.jsonl"])
+        for uowId, key in ((7, "/items/42"), (8, "/items/43"), (9, "/items/44")):
+            verdict = self.successResultOf(self.stash.stash(uow(uowId, key, b"hello")))
+            self.assertEqual(verdict.kind, VerdictKind.stored)
+            self.assertEqual(self.successResultOf(self.stash.read(key)).body, b"hello")
+        self.assertEqual(verdict.detail, None)
+        self.assertEqual(self.successResultOf(self.stash.stash(uow(8, "/items/43"))).detail, "already stored")
+        for uowId, key in ((7, "/items/42"), (8, "/items/43"), (9, "/items/44")):
+            self.successResultOf(self.stash.commit(uow(uowId, key)))
         self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.v7")
-        self.successResultOf(self.stash.commit(uow(7, "/items/42")))
         self.assertEqual(list((self.root / ".undo").iterdir()), [])
+
+    def test_oneJournalPerBatch(self) -> None:
+        """
+        The undo records of a batch share one journal, which goes when its
+        last record does: a batch of writes creates one file per version
+        and one journal.
+        """
+        from unittest import mock
+
+        stash, runAll = self.batched()
+        created: list[str] = []
+        realOpen = os.open
+
+        def counting(path: object, flags: int, *args: object) -> int:
+            if flags & os.O_CREAT:
+                created.append(Path(str(path)).name)
+            return realOpen(path, flags, *args)  # type: ignore[arg-type]
+
+        first = stash.stash(uow(1, "/items/1"))
+        rest = [stash.stash(uow(uowId, f"/items/{uowId}")) for uowId in (2, 3, 4)]
+        with mock.patch.object(os, "open", counting):
+            runAll()
+        for verdict in [first, *rest]:
+            self.assertEqual(self.successResultOf(verdict).kind, VerdictKind.stored)
+        self.assertEqual(created, ["1.v1", "batch-1.jsonl", "2.v2", "3.v3", "4.v4", "batch-2.jsonl"])
+        journal = self.root / "batched" / ".undo" / "batch-2.jsonl"
+        self.assertEqual([r["uow"] for r in map(json.loads, journal.read_bytes().splitlines())], [2, 3, 4])
+        for uowId in (2, 3):
+            self.successResultOf(self.runNow(stash.commit(uow(uowId, f"/items/{uowId}")), runAll))
+        self.assertTrue(journal.exists())
+        self.successResultOf(self.runNow(stash.commit(uow(4, "/items/4")), runAll))
+        self.assertFalse(journal.exists())
+
+    def batched(self) -> tuple[FilesystemStash, Callable[[], None]]:
+        """
+        A stash whose batches wait until the returned function runs them,
+        so that the operations submitted until then go in one batch.
+        """
+        pending: list[tuple[Callable[[], object], Deferred[object]]] = []
+
+        def later(f: Callable[..., object], *args: object) -> Deferred[object]:
+            done: Deferred[object] = Deferred()
+            pending.append((lambda: f(*args), done))
+            return done
+
+        def runAll() -> None:
+            while pending:
+                call, done = pending.pop(0)
+                done.callback(call())
+
+        stash = FilesystemStash("files", self.root / "batched", inline)
+        self.successResultOf(stash.start())
+        stash._group._blocking = later  # type: ignore[attr-defined]
+        return stash, runAll
+
+    @staticmethod
+    def runNow(result: Deferred[object], runAll: Callable[[], None]) -> Deferred[object]:
+        runAll()
+        return result
+
+    def test_oneSyncPerBatch(self) -> None:
+        """
+        In a batch of new writes and of commits whose swaps no sync has
+        covered yet, one syncfs makes the writes durable and covers the
+        commits.
+        """
+        from unittest import mock
+
+        from apicontainer.stashes import filesystem as filesystemModule
+
+        stash, runAll = self.batched()
+        first = [stash.stash(uow(uowId, f"/items/{uowId}")) for uowId in (1, 2)]
+        runAll()
+        for verdict in first:
+            self.assertEqual(self.successResultOf(verdict).kind, VerdictKind.stored)
+        with mock.patch.object(
+            filesystemModule, "syncFilesystem", wraps=filesystemModule.syncFilesystem
+        ) as sync:
+            mixed = [stash.commit(uow(1, "/items/1")), stash.stash(uow(3, "/items/3")),
+                     stash.commit(uow(2, "/items/2")), stash.stash(uow(4, "/items/4"))]
+            runAll()
+        self.assertEqual(sync.call_count, 1)
+        for result in mixed:
+            self.successResultOf(result)
+        [journal] = (self.root / "batched" / ".undo").iterdir()
+        self.assertEqual([r["uow"] for r in map(json.loads, journal.read_bytes().splitlines())], [3, 4])
+
+    def test_batchSeesItsOwnSwaps(self) -> None:
+        """
+        An operation on a key whose swap is pending in the same batch sees
+        the swap: a second write's before-image is the first write.
+        """
+        stash, runAll = self.batched()
+        stash.stash(uow(9, "/items/other"))  # a batch of its own: the next two go together
+        writes = [stash.stash(uow(1, "/items/k", b"one")), stash.stash(uow(2, "/items/k", b"two"))]
+        runAll()
+        for verdict in writes:
+            self.assertEqual(self.successResultOf(verdict).kind, VerdictKind.stored)
+        self.successResultOf(self.runNow(stash.rollback(uow(2, "/items/k")), runAll))
+        self.assertEqual(self.successResultOf(self.runNow(stash.read("/items/k"), runAll)).body, b"one")
+
+    def test_rolledBackRecordStaysOutAfterARestart(self) -> None:
+        """
+        A rolled-back record stays in its journal while the journal holds
+        others; after a restart it does not count (its UOW's marker says it
+        was rolled back), and the others do.
+        """
+        self.successResultOf(self.stash.stash(uow(1, "/items/a", b"old")))
+        self.successResultOf(self.stash.commit(uow(1, "/items/a")))
+        journal = self.root / ".undo" / "batch-9.jsonl"
+        journal.write_bytes(b"".join(
+            json.dumps({"uow": uowId, "key": key, "attempt": 1, "before": before, "target": target}).encode() + b"\n"
+            for uowId, key, before, target in ((5, "/items/a", "a.v1", "a.v5"), (6, "/items/b", None, "b.v6"))
+        ))
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        for uowId, key in ((5, "/items/a"), (6, "/items/b")):
+            self.successResultOf(self.stash.stash(uow(uowId, key, b"new")))
+        self.successResultOf(self.stash.rollback(uow(5, "/items/a")))
+        self.assertTrue(journal.exists())
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        self.assertEqual(self.successResultOf(self.stash.read("/items/a")).body, b"old")
+        self.assertEqual(self.successResultOf(self.stash.stash(uow(5, "/items/a"))).kind, VerdictKind.declined)
+        self.successResultOf(self.stash.rollback(uow(6, "/items/b")))
+        self.assertIsNone(self.successResultOf(self.stash.read("/items/b")))
+        self.assertFalse(journal.exists())
 
     def test_undoRecordsSurviveARestart(self) -> None:
         """
-        Undo records (a symlink holding the JSON, or a file when it is too
-        long for one) are read back at start: a rollback after a restart
-        restores the before-image.
+        Undo records (in journals, or in record files of an earlier
+        release: a symlink holding the JSON, or a file when too long for
+        one) are read back at start: a rollback after a restart restores
+        the before-image.
         """
         longKey = "/items/" + "k" * 4100
-        for uowId, key in ((1, "/items/short"), (2, longKey)):
+        keys = ((1, "/items/short"), (2, longKey), (3, "/items/link"), (4, "/items/file"))
+        for uowId, key in keys:
             self.successResultOf(self.stash.stash(uow(uowId, key, b"first")))
             self.successResultOf(self.stash.commit(uow(uowId, key)))
             self.successResultOf(self.stash.stash(uow(uowId + 10, key, b"second")))
-        self.assertTrue((self.root / ".undo" / "11.json").is_symlink())
-        self.assertFalse((self.root / ".undo" / "12.json").is_symlink())
+        journals = {13: (self.root / ".undo" / "batch-6.jsonl"), 14: (self.root / ".undo" / "batch-8.jsonl")}
+        records = {uowId: json.loads(path.read_bytes()) for uowId, path in journals.items()}
+        for uowId, path in journals.items():
+            self.assertEqual(records[uowId].pop("uow"), uowId)
+            path.unlink()
+        os.symlink(json.dumps(records[13]), self.root / ".undo" / "13.json")
+        (self.root / ".undo" / "14.json").write_text(json.dumps(records[14]))
         self.stash = FilesystemStash("files", self.root, inline)
         self.successResultOf(self.stash.start())
-        for uowId, key in ((1, "/items/short"), (2, longKey)):
+        for uowId, key in keys:
             self.successResultOf(self.stash.rollback(uow(uowId + 10, key)))
             self.assertEqual(self.successResultOf(self.stash.read(key)).body, b"first")
         self.assertEqual(list((self.root / ".undo").iterdir()), [])

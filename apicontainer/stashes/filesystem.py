@@ -9,8 +9,9 @@ Layout, for the key C{/items/42}::
                                extended attribute user.content_type
     root/items/42.v17.type     or in this file, where the file system has no
                                user extended attributes
-    root/.undo/17.json         UOW 17's before-image, until commit (a symlink
-                               whose target is the JSON record)
+    root/.undo/batch-9.jsonl   the undo records (before-images) of the UOWs
+                               of one batch, a JSON line each, until each of
+                               them commits or rolls back
     root/.rolledback/17        marker: UOW 17 was rolled back
 
 Each key segment is percent-encoded (every byte but letters, digits, C{-}
@@ -22,15 +23,23 @@ A write lands by writing the new version and the undo record, making them
 durable, then atomically replacing the C{.doc} symlink. Writes of concurrent
 UOWs go in batches (group commit): one C{syncfs} makes the versions and undo
 records of a batch durable, and with them the pointer swaps of the batches
-before it. A swap is durable before its UOW commits: a commit whose swap no
-C{syncfs} has covered yet makes one. Until then a crash may undo the swap,
-which is harmless: the UOW is not committed, so recovery stores it again and
-the undo record completes the write. Version and undo files are written in
-place, not renamed into place: nothing refers to them before the C{syncfs}
-that makes them whole, and an undo record torn by a crash belongs to a write
-that never swapped its pointer. A deleted document is a symlink to a
-C{.d<uow>} name that does not exist, so that an older UOW can never bring it
-back.
+before it. A batch writes its undo records to one journal file: creating a
+file is the costliest system call a write makes, so a batch creates one for
+its records, not one per record. A journal goes when the last of its
+records does; until then a rolled-back record stays in it, and its
+rolled-back marker keeps it from counting after a restart.
+
+A swap is durable before its UOW commits: a commit whose swap no C{syncfs}
+has covered yet waits for its batch's (one serves the whole batch). Until
+then a crash may undo the swap, which is harmless: the UOW is not committed,
+so recovery stores it again and the undo record completes the write.
+Versions and journals are written in place, not renamed into place: nothing
+refers to them before the C{syncfs} that makes them whole, and an undo
+record torn by a crash belongs to a write that never swapped its pointer.
+(An earlier release kept each undo record in a file of its own,
+C{.undo/17.json}; those are still read.) A deleted document is a symlink to
+a C{.d<uow>} name that does not exist, so that an older UOW can never bring
+it back.
 """
 
 from __future__ import annotations
@@ -68,7 +77,7 @@ from . import StashContext, unavailable
 
 _SAFE = "-_"
 _CONTENT_TYPE = "user.content_type"
-_MAX_SYMLINK = 4000  # bytes of a symlink's target, safely below PATH_MAX
+_JOURNAL = re.compile(r"^batch-(?P<seq>[0-9]+)\.jsonl$")
 _MAX_SEGMENT = 120
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
 
@@ -83,6 +92,27 @@ def _symlink(target: str, path: Path) -> None:
     except FileExistsError:
         os.unlink(path)
         os.symlink(target, path)
+
+
+def _journalLine(uowId: int, undo: dict) -> bytes:  # type: ignore[type-arg]
+    return json.dumps({"uow": uowId, **undo}).encode() + b"\n"
+
+
+def _readJournal(path: Path) -> list[tuple[int, dict]]:  # type: ignore[type-arg]
+    """
+    The whole undo records of a journal, in order; a line torn by a crash
+    (its batch never synced, so its pointer never swapped) is left out.
+    """
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+            uowId = record.pop("uow")
+            if isinstance(uowId, int) and set(record) == {"key", "attempt", "before", "target"}:
+                records.append((uowId, record))
+        except (ValueError, AttributeError, KeyError):
+            continue
+    return records
 
 
 def encodeSegment(segment: str) -> str:
@@ -112,6 +142,9 @@ class FilesystemStash:
         self._rolledBack = root / ".rolledback"
         self._group = GroupCommit(blocking, self._runBatch)
         self._swaps: list[tuple[Path, str, int, int]] = []
+        self._commits: list[tuple[UnitOfWork, int]] = []
+        self._pendingUOWs: set[int] = set()
+        self._pendingPointers: set[Path] = set()
         self._outcomes: list[Outcome] = []
         # Syncs done so far, and for each UOW whose pointer was swapped, how
         # many had been done when it was: a later one made the swap durable.
@@ -123,6 +156,14 @@ class FilesystemStash:
         # thread waits for the GIL afterwards); and the folders known to exist.
         self._undos: dict[int, dict] = {}  # type: ignore[type-arg]
         self._rolledBackAttempts: dict[int, int] = {}
+        # Which file holds each undo record (a journal, or a record file of
+        # an earlier release), and which live records each such file holds;
+        # the records of this batch not yet in its journal; the number of
+        # the last journal.
+        self._homes: dict[int, Path] = {}
+        self._tenants: dict[Path, set[int]] = {}
+        self._unwritten: list[int] = []
+        self._journals = 0
         self._directories: set[Path] = set()
         # Whether the file system takes user extended attributes (for the
         # content type), until it says otherwise.
@@ -145,17 +186,33 @@ class FilesystemStash:
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
-        self._undos = {}
-        for path in self._undo.glob("*.json"):
-            if path.stem.isdigit():
-                undo = self._loadUndo(path)
-                if undo is not None:
-                    self._undos[int(path.stem)] = undo
         self._rolledBackAttempts = {
             int(path.name): int(path.read_text("ascii"))
             for path in self._rolledBack.iterdir()
             if path.name.isdigit()
         }
+        self._undos, self._homes, self._tenants = {}, {}, {}
+        journals = []
+        for path in self._undo.iterdir():
+            match = _JOURNAL.match(path.name)
+            if match is not None:
+                journals.append((int(match["seq"]), path))
+            elif path.suffix == ".json" and path.stem.isdigit():
+                undo = self._loadUndo(path)
+                if undo is not None:
+                    self._settle(int(path.stem), undo, path)
+        for _, path in sorted(journals):  # a later record of a UOW replaces an earlier one
+            self._tenants.setdefault(path, set())
+            for uowId, undo in _readJournal(path):
+                self._settle(uowId, undo, path)
+        self._journals = max((seq for seq, _ in journals), default=0)
+        for uowId, undo in list(self._undos.items()):
+            if self._rolledBackAttempt(uowId) >= undo["attempt"]:
+                self._forget(uowId, durably=False)  # rolled back: it stayed in its journal
+        for path, tenants in list(self._tenants.items()):
+            if not tenants:
+                del self._tenants[path]
+                removeFile(path)
         # Whatever an earlier process swapped is durable before this one
         # commits anything.
         syncFilesystem(self.root)
@@ -188,9 +245,6 @@ class FilesystemStash:
             raise OSError(f"{pointer} points at {target!r}, which is not a version")
         return target, int(match["uow"])
 
-    def _undoPath(self, uowId: int) -> Path:
-        return self._undo / f"{uowId}.json"
-
     @staticmethod
     def _loadUndo(path: Path) -> dict | None:  # type: ignore[type-arg]
         try:
@@ -208,24 +262,64 @@ class FilesystemStash:
 
     def _writeUndo(self, uowId: int, undo: dict, sync: bool) -> None:  # type: ignore[type-arg]
         """
-        Record C{undo} as a symlink whose target is its JSON: one system
-        call, and never torn. A record too long for a symlink is a file.
-        With C{sync} it replaces the record atomically and durably;
-        otherwise the batch's sync makes it durable.
+        Record C{undo}. With C{sync} it goes durably to a journal of its
+        own, which replaces the record it had; otherwise it goes to the
+        batch's journal, which the batch's sync makes durable.
         """
-        path = self._undoPath(uowId)
-        text = json.dumps(undo)
-        data = text.encode()
-        if len(data) >= _MAX_SYMLINK:
-            if sync:
-                writeAtomically(path, [data])
+        if not sync:
+            self._undos[uowId] = undo
+            self._unwritten.append(uowId)
+            return
+        path = self._nextJournal()
+        writeAtomically(path, [_journalLine(uowId, undo)])
+        self._settle(uowId, undo, path)
+
+    def _nextJournal(self) -> Path:
+        self._journals += 1
+        return self._undo / f"batch-{self._journals}.jsonl"
+
+    def _writeJournal(self) -> None:
+        """
+        Write the batch's undo records to a journal of their own (not yet
+        durably).
+        """
+        uowIds, self._unwritten = self._unwritten, []
+        if not uowIds:
+            return
+        path = self._nextJournal()
+        writeFile(path, [b"".join(_journalLine(uowId, self._undos[uowId]) for uowId in uowIds)])
+        for uowId in uowIds:
+            self._settle(uowId, self._undos[uowId], path)
+
+    def _settle(self, uowId: int, undo: dict, path: Path) -> None:  # type: ignore[type-arg]
+        """
+        Note that C{path} holds C{undo}, the live record of UOW C{uowId}.
+        """
+        previous = self._homes.get(uowId)
+        if previous is not None and previous != path:
+            self._leave(uowId, previous, durably=False)
+        self._undos[uowId], self._homes[uowId] = undo, path
+        self._tenants.setdefault(path, set()).add(uowId)
+
+    def _forget(self, uowId: int, durably: bool) -> None:
+        """
+        Drop the undo record of UOW C{uowId}: its file goes when it holds no
+        other live record (durably if asked).
+        """
+        del self._undos[uowId]
+        home = self._homes.pop(uowId, None)
+        if home is not None:
+            self._leave(uowId, home, durably)
+
+    def _leave(self, uowId: int, home: Path, durably: bool) -> None:
+        tenants = self._tenants[home]
+        tenants.discard(uowId)
+        if not tenants:
+            del self._tenants[home]
+            if durably:
+                removeDurably(home)
             else:
-                writeFile(path, [data])
-        elif sync:
-            self._point(path, text)
-        else:
-            _symlink(text, path)
-        self._undos[uowId] = undo
+                removeFile(home)
 
     def _rolledBackAttempt(self, uowId: int) -> int:
         return self._rolledBackAttempts.get(uowId, 0)
@@ -240,51 +334,72 @@ class FilesystemStash:
 
     def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         """
-        Run a batch: a stash's pointer swap waits for the end of the batch
-        (or for the next rollback or commit, which must see it), so that the
-        directories are fsynced once for all of them.
+        Run a batch: a stash's pointer swap, and a commit that must wait for
+        a sync, wait for the end of the batch, so that one journal and one
+        syncfs serve them all. An operation on a UOW or key with one of
+        those pending (never one from the fanout, which runs one UOW per
+        key at a time) first has them done, so that it sees them.
         """
         self._outcomes = []
         try:
             for function, args in operations:
-                if function != self._stash:
-                    self._swapPending()
+                uow = args[0]
+                if self._pendingUOWs and (
+                    uow.id in self._pendingUOWs or self._pointer(uow.key) in self._pendingPointers
+                ):
+                    self._flush()
                 try:
                     self._outcomes.append((True, function(*args)))
                 except Exception:
                     # A folder may have gone: look again next time.
                     self._directories.clear()
                     self._outcomes.append((False, Failure()))
-            self._swapPending()
+            self._flush()
             return self._outcomes
         finally:
-            self._swaps, self._outcomes = [], []
+            self._swaps, self._commits, self._outcomes, self._unwritten = [], [], [], []
+            self._pendingUOWs, self._pendingPointers = set(), set()
 
-    def _swapPending(self) -> None:
+    def _flush(self) -> None:
         """
-        Make the pending versions and undo records durable (one syncfs for
-        all, which also makes the earlier swaps durable), then swap their
-        pointers.
+        Write the pending undo records to the batch's journal, make it and
+        the pending versions durable (one syncfs for all, which also makes
+        the earlier swaps durable), swap the pending pointers, and finish the
+        commits that waited for a sync.
         """
         swaps, self._swaps = self._swaps, []
-        if not swaps:
+        commits, self._commits = self._commits, []
+        self._pendingUOWs, self._pendingPointers = set(), set()
+        if not swaps and not commits:
             return
         try:
+            self._writeJournal()
             self._sync()
             for pointer, target, uowId, _ in swaps:
                 self._link(pointer, target)
                 self._swappedAt[uowId] = self._syncs
         except OSError:
             failure = Failure()
-            for _, _, _, index in swaps:
+            for *_, index in swaps + commits:  # type: ignore[operator]
                 self._outcomes[index] = (False, failure)
+            return
+        for uow, index in commits:
+            try:
+                self._finishCommit(uow)
+            except Exception:
+                self._outcomes[index] = (False, Failure())
 
     def _sync(self) -> None:
         syncFilesystem(self.root)
         self._syncs += 1
 
-    def _swapLater(self, pointer: Path, target: str, uowId: int) -> None:
-        self._swaps.append((pointer, target, uowId, len(self._outcomes)))
+    def _later(self, uow: UnitOfWork, pointer: Path) -> int:
+        self._pendingUOWs.add(uow.id)
+        self._pendingPointers.add(pointer)
+        return len(self._outcomes)
+
+    def _swapLater(self, pointer: Path, target: str, uow: UnitOfWork) -> None:
+        self._swaps.append((pointer, target, uow.id, self._later(uow, pointer)))
 
     def _stash(self, uow: UnitOfWork) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
@@ -299,7 +414,7 @@ class FilesystemStash:
                 # A crash came between recording the undo and swapping the
                 # pointer: finish the write.
                 self._writeVersion(pointer, undo["target"], uow)
-                self._swapLater(pointer, undo["target"], uow.id)
+                self._swapLater(pointer, undo["target"], uow)
                 return Verdict.stored(detail="completed after a crash")
             return Verdict.stored(detail="already stored")
         if current is not None and current[1] >= uow.id:
@@ -317,7 +432,7 @@ class FilesystemStash:
             "target": target,
         }
         self._writeUndo(uow.id, undo, sync=False)
-        self._swapLater(pointer, target, uow.id)
+        self._swapLater(pointer, target, uow)
         return Verdict.stored(status=200)
 
     def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> None:
@@ -387,8 +502,7 @@ class FilesystemStash:
         writeAtomically(self._rolledBack / str(uow.id), [b"%d" % (attempt,)])
         self._rolledBackAttempts[uow.id] = attempt
         if undo is not None:
-            removeDurably(self._undoPath(uow.id))
-            del self._undos[uow.id]
+            self._forget(uow.id, durably=True)
 
     def _handOver(self, undo: dict) -> None:  # type: ignore[type-arg]
         """
@@ -403,12 +517,17 @@ class FilesystemStash:
         return self._group.submit(self._commit, uow)
 
     def _commit(self, uow: UnitOfWork) -> None:
-        # The write must be durable before its undo record goes. Nothing
-        # else here needs a sync: an undo record or old version that a crash
-        # brings back is only clutter (a replay finds the write in place,
-        # and no rollback is sent after a commit).
+        # The write must be durable before its undo record goes: when no
+        # sync has covered its swap yet, the commit waits for the batch's.
+        # Nothing else here needs a sync: an undo record or old version that
+        # a crash brings back is only clutter (a replay finds the write in
+        # place, and no rollback is sent after a commit).
         if self._swappedAt.get(uow.id) == self._syncs:
-            self._sync()
+            self._commits.append((uow, self._later(uow, self._pointer(uow.key))))
+            return
+        self._finishCommit(uow)
+
+    def _finishCommit(self, uow: UnitOfWork) -> None:
         self._swappedAt.pop(uow.id, None)
         if self._rolledBackAttempts.pop(uow.id, None) is not None:
             removeFile(self._rolledBack / str(uow.id))
@@ -420,8 +539,7 @@ class FilesystemStash:
             current = self._current(pointer)
             if current is None or current[0] != undo["before"]:
                 self._removeVersion(pointer.parent, undo["before"])
-        removeFile(self._undoPath(uow.id))
-        del self._undos[uow.id]
+        self._forget(uow.id, durably=False)
 
     def read(self, key: str) -> Deferred[Document | None]:
         return self._blocking(self._read, key)
