@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from apicontainer.crashpoints import ENVIRONMENT
+from apicontainer.stashes.filesystem import currentVersion
 
 from .conftest import RunningServer
 
@@ -59,11 +60,10 @@ def state(server: RunningServer, key: str = "/items/1") -> tuple[int | None, int
         db.close()
     pointer = server.dataDir / "files" / (key.strip("/") + ".doc")
     try:
-        target = os.readlink(pointer)
-    except (FileNotFoundError, NotADirectoryError):
-        fileUOW = None
-    else:
-        fileUOW = int(target.rsplit(".v", 1)[1])
+        target = currentVersion(pointer)
+    except NotADirectoryError:
+        target = None
+    fileUOW = None if target is None else int(target.rsplit(".v", 1)[1])
     return (row[0] if row else None, fileUOW)
 
 

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from apicontainer.blocking import inline
 from apicontainer.interfaces import IStartable
-from apicontainer.stashes.filesystem import FilesystemStash, encodeSegment
+from apicontainer.stashes.filesystem import FilesystemStash, currentVersion, encodeSegment
 from apicontainer.stashes.http import HTTPStash
 from apicontainer.stashes.sqlite import SQLiteStash
 from apicontainer.testing import MemoryStash, StashContractTests
@@ -51,6 +51,32 @@ class FilesystemStashContractTests(StashContractTests, SynchronousTestCase):
     """
 
     def makeStash(self) -> FilesystemStash:
+        stash = FilesystemStash("files", Path(self.mktemp()), inline)
+        self.successResultOf(stash.start())
+        return stash
+
+
+def withoutAttributes(case: SynchronousTestCase) -> None:
+    """
+    Make the file system refuse user extended attributes until the end of
+    C{case}, as one that takes none does.
+    """
+    import errno
+    from unittest import mock
+
+    patcher = mock.patch.object(os, "setxattr", side_effect=OSError(errno.ENOTSUP, "Operation not supported"))
+    patcher.start()
+    case.addCleanup(patcher.stop)
+
+
+class FilesystemStashSymlinkContractTests(StashContractTests, SynchronousTestCase):
+    """
+    The filesystem stash keeps the contract on a file system without user
+    extended attributes, where its documents are symlinks.
+    """
+
+    def makeStash(self) -> FilesystemStash:
+        withoutAttributes(self)
         stash = FilesystemStash("files", Path(self.mktemp()), inline)
         self.successResultOf(stash.start())
         return stash
@@ -143,15 +169,90 @@ class FilesystemStashTests(SynchronousTestCase):
 
     def test_readableLayout(self) -> None:
         """
-        The document is a symlink to its version file, which holds the body
-        and, in an extended attribute, its content type.
+        The document is a hard link to its version file, which holds the
+        body and, in extended attributes, its own name and its content
+        type. A write creates its version and its batch's journal, no other
+        file.
         """
-        self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
+        from unittest import mock
+
+        created = []
+        realOpen = os.open
+
+        def counting(path: object, flags: int, *args: object) -> int:
+            if flags & os.O_CREAT:
+                created.append(Path(str(path)).name)
+            return realOpen(path, flags, *args)  # type: ignore[arg-type]
+
+        with mock.patch.object(os, "open", counting), mock.patch.object(os, "symlink") as symlink:
+            self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
+        self.assertEqual((created, symlink.call_count), (["42.v7", "batch-1.jsonl"], 0))
         pointer = self.root / "items" / "42.doc"
-        self.assertEqual(os.readlink(pointer), "42.v7")
+        self.assertFalse(pointer.is_symlink())
+        self.assertTrue(pointer.samefile(self.root / "items" / "42.v7"))
+        self.assertEqual(currentVersion(pointer), "42.v7")
         self.assertEqual(pointer.read_bytes(), b"hello")
         self.assertEqual(os.getxattr(pointer, "user.content_type"), b"text/plain")
+        self.assertEqual(os.getxattr(pointer, "user.uow"), b"v7")
         self.assertEqual(sorted(p.name for p in (self.root / "items").iterdir()), ["42.doc", "42.v7"])
+
+    def test_symlinksWithoutExtendedAttributes(self) -> None:
+        """
+        On a file system without user extended attributes the document is
+        a symlink to its version, and the content type a file beside it.
+        """
+        withoutAttributes(self)
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
+        self.successResultOf(self.stash.commit(uow(7, "/items/42")))
+        self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.v7")
+        self.assertEqual((self.root / "items" / "42.v7.type").read_text(), "text/plain")
+        self.assertEqual(self.successResultOf(self.stash.read("/items/42")).contentType, "text/plain")
+
+    def test_symlinkedDocumentsAreWrittenOver(self) -> None:
+        """
+        Symlinked documents (written where extended attributes were
+        refused, or by an earlier release) are read, written over, and
+        restored by a rollback.
+        """
+        from unittest import mock
+
+        with mock.patch.object(self.stash, "_attributes", False):
+            for uowId, key in ((1, "/items/a"), (2, "/items/b")):
+                self.successResultOf(self.stash.stash(uow(uowId, key, b"old", contentType="text/old")))
+                self.successResultOf(self.stash.commit(uow(uowId, key)))
+        self.assertTrue((self.root / "items" / "a.doc").is_symlink())
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        self.assertEqual(self.successResultOf(self.stash.read("/items/a")).body, b"old")
+        for uowId, key in ((11, "/items/a"), (12, "/items/b")):
+            self.successResultOf(self.stash.stash(uow(uowId, key, b"new")))
+        self.assertFalse((self.root / "items" / "a.doc").is_symlink())
+        self.successResultOf(self.stash.rollback(uow(11, "/items/a")))
+        self.assertEqual(os.readlink(self.root / "items" / "a.doc"), "a.v1")
+        self.assertEqual(self.successResultOf(self.stash.read("/items/a")).contentType, "text/old")
+        self.successResultOf(self.stash.commit(uow(12, "/items/b")))
+        self.assertEqual(self.successResultOf(self.stash.read("/items/b")).body, b"new")
+        self.assertEqual(sorted(p.name for p in (self.root / "items").glob("b.*")), ["b.doc", "b.v12"])
+
+    def test_deletionLeavesAnEmptyVersion(self) -> None:
+        """
+        A deletion's version is an empty file that the document links to;
+        it reads as absent, and goes when a later write commits.
+        """
+        self.successResultOf(self.stash.stash(uow(1, "/items/42", b"one")))
+        self.successResultOf(self.stash.commit(uow(1, "/items/42")))
+        deletion = UnitOfWork(id=2, method="DELETE", key="/items/42", route="/items/<id>", body=b"")
+        self.successResultOf(self.stash.stash(deletion))
+        self.successResultOf(self.stash.commit(deletion))
+        self.assertEqual(currentVersion(self.root / "items" / "42.doc"), "42.d2")
+        self.assertEqual((self.root / "items" / "42.doc").read_bytes(), b"")
+        self.assertIsNone(self.successResultOf(self.stash.read("/items/42")))
+        self.assertEqual(self.successResultOf(self.stash.stash(uow(1, "/items/42"))).kind, VerdictKind.declined)
+        self.successResultOf(self.stash.stash(uow(3, "/items/42", b"three")))
+        self.successResultOf(self.stash.commit(uow(3, "/items/42")))
+        self.assertEqual(sorted(p.name for p in (self.root / "items").iterdir()), ["42.doc", "42.v3"])
 
     def test_contentTypeWithoutExtendedAttributes(self) -> None:
         """
@@ -200,7 +301,7 @@ class FilesystemStashTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.stash.stash(uow(8, "/items/43"))).detail, "already stored")
         for uowId, key in ((7, "/items/42"), (8, "/items/43"), (9, "/items/44")):
             self.successResultOf(self.stash.commit(uow(uowId, key)))
-        self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.v7")
+        self.assertEqual(currentVersion(self.root / "items" / "42.doc"), "42.v7")
         self.assertEqual(list((self.root / ".undo").iterdir()), [])
 
     def test_oneJournalPerBatch(self) -> None:
@@ -556,7 +657,7 @@ class CrashMidWriteTests(SynchronousTestCase):
         stash = FilesystemStash("files", Path(self.mktemp()), inline)
         self.successResultOf(stash.start())
         real = stash._link
-        stash._link = lambda pointer, target: (_ for _ in ()).throw(OSError("killed"))  # type: ignore[method-assign]
+        stash._link = lambda *args: (_ for _ in ()).throw(OSError("killed"))  # type: ignore[method-assign]
         self.assertEqual(self.successResultOf(stash.stash(uow(1, body=b"one"))).status, 503)
         self.flushLoggedErrors()
         stash._link = real  # type: ignore[method-assign]

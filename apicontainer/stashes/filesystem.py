@@ -3,16 +3,23 @@ The C{filesystem} stash: each document a plain file under C{root}.
 
 Layout, for the key C{/items/42}::
 
-    root/items/42.doc          symlink to the current version: cat it
-    root/items/42.v17          the body written by UOW 17
-                               its content type, when it had one, in the
-                               extended attribute user.content_type
-    root/items/42.v17.type     or in this file, where the file system has no
-                               user extended attributes
+    root/items/42.doc          the current version (a hard link to it): cat it
+    root/items/42.v17          the body written by UOW 17; in extended
+                               attributes, user.uow names its write ("v17",
+                               "d17" for a deletion's empty version) and
+                               user.content_type holds its content type,
+                               when it had one
     root/.undo/batch-9.jsonl   the undo records (before-images) of the UOWs
                                of one batch, a JSON line each, until each of
                                them commits or rolls back
     root/.rolledback/17        marker: UOW 17 was rolled back
+
+Where the file system takes no user extended attributes, C{42.doc} is a
+symlink to the version instead, and the content type is in the file
+C{42.v17.type} beside it; a deletion writes no version, and its symlink
+points at a C{.d17} name that does not exist. Either form is read wherever
+it is found. The hard link exists because creating a file (or a symlink) is
+the costliest system call a write makes here, and a link creates none.
 
 Each key segment is percent-encoded (every byte but letters, digits, C{-}
 and C{_}), so a segment is never C{.} or C{..}, never contains C{/}, and
@@ -20,7 +27,8 @@ never collides with the C{.doc}/C{.v} names; an over-long segment is replaced
 by a hash. No key can name a path outside C{root}.
 
 A write lands by writing the new version and the undo record, making them
-durable, then atomically replacing the C{.doc} symlink. Writes of concurrent
+durable, then atomically replacing C{.doc} (a link made under a temporary
+name, renamed over it). Writes of concurrent
 UOWs go in batches (group commit): one C{syncfs} makes the versions and undo
 records of a batch durable, and with them the pointer swaps of the batches
 before it. A batch writes its undo records to one journal file: creating a
@@ -37,9 +45,8 @@ Versions and journals are written in place, not renamed into place: nothing
 refers to them before the C{syncfs} that makes them whole, and an undo
 record torn by a crash belongs to a write that never swapped its pointer.
 (An earlier release kept each undo record in a file of its own,
-C{.undo/17.json}; those are still read.) A deleted document is a symlink to
-a C{.d<uow>} name that does not exist, so that an older UOW can never bring
-it back.
+C{.undo/17.json}; those are still read.) A deleted document holds a
+C{.d<uow>} version, so that an older UOW can never bring it back.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, succeed
@@ -77,9 +84,24 @@ from . import StashContext, unavailable
 
 _SAFE = "-_"
 _CONTENT_TYPE = "user.content_type"
+# Short, so that it fits in the inode beside a content type (on ext4): a
+# value that does not costs a block of its own.
+_UOW = "user.uow"
 _JOURNAL = re.compile(r"^batch-(?P<seq>[0-9]+)\.jsonl$")
 _MAX_SEGMENT = 120
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
+
+
+def _replace(create: Callable[[], None], path: Path) -> None:
+    """
+    Run C{create}, which makes the name C{path}, replacing what a crash left
+    there.
+    """
+    try:
+        create()
+    except FileExistsError:
+        os.unlink(path)
+        create()
 
 
 def _symlink(target: str, path: Path) -> None:
@@ -87,11 +109,37 @@ def _symlink(target: str, path: Path) -> None:
     Create the symlink C{path} to C{target}, replacing one that a crash
     left there.
     """
+    _replace(lambda: os.symlink(target, path), path)
+
+
+def currentVersion(pointer: Path) -> str | None:
+    """
+    The name of the version that the document C{pointer} (a C{.doc} path)
+    holds, in either form; L{None} if it has none.
+    """
     try:
-        os.symlink(target, path)
-    except FileExistsError:
-        os.unlink(path)
-        os.symlink(target, path)
+        return os.readlink(pointer)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return f"{pointer.name[: -len('.doc')]}.{os.getxattr(pointer, _UOW).decode('ascii')}"
+
+
+def _takesAttributes(directory: Path) -> bool:
+    """
+    Whether files in C{directory} take user extended attributes.
+    """
+    probe = directory / ".tmp-attributes"
+    try:
+        writeFile(probe, [], {_UOW: b"v0"})
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        return False
+    removeFile(probe)
+    return True
 
 
 def _journalLine(uowId: int, undo: dict) -> bytes:  # type: ignore[type-arg]
@@ -141,7 +189,7 @@ class FilesystemStash:
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
         self._group = GroupCommit(blocking, self._runBatch)
-        self._swaps: list[tuple[Path, str, int, int]] = []
+        self._swaps: list[tuple[Path, str, bool, int, int]] = []
         self._commits: list[tuple[UnitOfWork, int]] = []
         self._pendingUOWs: set[int] = set()
         self._pendingPointers: set[Path] = set()
@@ -166,7 +214,8 @@ class FilesystemStash:
         self._journals = 0
         self._directories: set[Path] = set()
         # Whether the file system takes user extended attributes (for the
-        # content type), until it says otherwise.
+        # content type and the version's name): probed at start, and
+        # dropped if it ever says otherwise.
         self._attributes = True
 
     @classmethod
@@ -186,6 +235,7 @@ class FilesystemStash:
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
+        self._attributes = _takesAttributes(self._undo)
         self._rolledBackAttempts = {
             int(path.name): int(path.read_text("ascii"))
             for path in self._rolledBack.iterdir()
@@ -234,11 +284,10 @@ class FilesystemStash:
 
     def _current(self, pointer: Path) -> tuple[str, int] | None:
         """
-        The name the pointer links to and the UOW that wrote it.
+        The name of the version the pointer holds and the UOW that wrote it.
         """
-        try:
-            target = os.readlink(pointer)
-        except FileNotFoundError:
+        target = currentVersion(pointer)
+        if target is None:
             return None
         match = _TARGET.match(target)
         if match is None:
@@ -375,8 +424,8 @@ class FilesystemStash:
         try:
             self._writeJournal()
             self._sync()
-            for pointer, target, uowId, _ in swaps:
-                self._link(pointer, target)
+            for pointer, target, linked, uowId, _ in swaps:
+                self._link(pointer, target, linked)
                 self._swappedAt[uowId] = self._syncs
         except OSError:
             failure = Failure()
@@ -398,8 +447,8 @@ class FilesystemStash:
         self._pendingPointers.add(pointer)
         return len(self._outcomes)
 
-    def _swapLater(self, pointer: Path, target: str, uow: UnitOfWork) -> None:
-        self._swaps.append((pointer, target, uow.id, self._later(uow, pointer)))
+    def _swapLater(self, pointer: Path, target: str, linked: bool, uow: UnitOfWork) -> None:
+        self._swaps.append((pointer, target, linked, uow.id, self._later(uow, pointer)))
 
     def _stash(self, uow: UnitOfWork) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
@@ -413,8 +462,8 @@ class FilesystemStash:
             if current is None or current[1] < uow.id:
                 # A crash came between recording the undo and swapping the
                 # pointer: finish the write.
-                self._writeVersion(pointer, undo["target"], uow)
-                self._swapLater(pointer, undo["target"], uow)
+                linked = self._writeVersion(pointer, undo["target"], uow)
+                self._swapLater(pointer, undo["target"], linked, uow)
                 return Verdict.stored(detail="completed after a crash")
             return Verdict.stored(detail="already stored")
         if current is not None and current[1] >= uow.id:
@@ -423,7 +472,7 @@ class FilesystemStash:
             return Verdict.declined(f"superseded by UOW {current[1]}")
         stem = pointer.name[: -len(".doc")]
         target = f"{stem}.{'d' if uow.isDelete else 'v'}{uow.id}"
-        self._writeVersion(pointer, target, uow)
+        linked = self._writeVersion(pointer, target, uow)
         self._ensureDirectory(self._undo)  # brings the stash back after its root was restored
         undo = {
             "key": uow.key,
@@ -432,31 +481,40 @@ class FilesystemStash:
             "target": target,
         }
         self._writeUndo(uow.id, undo, sync=False)
-        self._swapLater(pointer, target, uow)
+        self._swapLater(pointer, target, linked, uow)
         return Verdict.stored(status=200)
 
-    def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> None:
+    def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> bool:
         """
-        Write C{uow}'s body as the version file C{target} (nothing for a
-        deletion's C{.d} target) beside C{pointer}; the batch's sync makes
-        it durable. A large body is copied from the spool a chunk at a time.
+        Write C{uow}'s body as the version file C{target} beside C{pointer}
+        (a deletion's C{.d} version is empty); the batch's sync makes it
+        durable. A large body is copied from the spool a chunk at a time.
+
+        @return: Whether the version names itself in C{user.uow}, so that
+            the document can be a hard link to it; if not (no extended
+            attributes here), a deletion writes no file.
         """
         self._ensureDirectory(pointer.parent)
-        if _TARGET.match(target)["kind"] == "d":  # type: ignore[index]
-            return
         version = pointer.with_name(target)
-        contentType = uow.contentType
-        if contentType and self._attributes:
+        deletion = _TARGET.match(target)["kind"] == "d"  # type: ignore[index]
+        contentType = None if deletion else uow.contentType
+        if self._attributes:
+            attributes = {_UOW: target.rsplit(".", 1)[1].encode("ascii")}
+            if contentType:
+                attributes[_CONTENT_TYPE] = contentType.encode("utf-8")
             try:
-                writeFile(version, uow.bodyChunks(), {_CONTENT_TYPE: contentType.encode("utf-8")})
-                return
+                writeFile(version, [] if deletion else uow.bodyChunks(), attributes)
+                return True
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
                 self._attributes = False
+        if deletion:
+            return False
         writeFile(version, uow.bodyChunks())
         if contentType:
             writeFile(version.with_name(target + ".type"), [contentType.encode("utf-8")])
+        return False
 
     def _point(self, pointer: Path, target: str | None) -> None:
         """
@@ -466,19 +524,27 @@ class FilesystemStash:
         if target is None:
             removeDurably(pointer)
             return
-        self._link(pointer, target)
+        try:
+            linked = os.getxattr(pointer.with_name(target), _UOW) == target.rsplit(".", 1)[1].encode()
+        except OSError:
+            linked = False  # a version, or a deletion, without its name
+        self._link(pointer, target, linked)
         fsyncDirectory(pointer.parent)
 
-    def _link(self, pointer: Path, target: str) -> None:
+    def _link(self, pointer: Path, target: str, linked: bool) -> None:
         """
-        Make C{pointer} link to C{target}, atomically (not yet durably).
+        Make C{pointer} a hard link to the version C{target} (a symlink to
+        it, unless C{linked}), atomically (not yet durably).
         """
         temporary = pointer.with_name(f".tmp-{pointer.name}")
-        _symlink(target, temporary)
+        if linked:
+            _replace(lambda: os.link(pointer.with_name(target), temporary), temporary)
+        else:
+            _symlink(target, temporary)
         os.rename(temporary, pointer)
 
     def _removeVersion(self, directory: Path, target: str | None) -> None:
-        if target is None or target.split(".")[-1].startswith("d"):
+        if target is None:
             return
         for name in (target, target + ".type"):
             removeFile(directory / name)
