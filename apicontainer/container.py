@@ -103,7 +103,7 @@ class Container:
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
-        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", blocking)
+        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", blocking, dataDir / "spares")
         self.ids = UOWIds(dataDir / "uow-ids", blocking)
         self.failQueue = FileFailQueue(
             dataDir / "failed", blocking, clock, config.retry, uniform

@@ -104,7 +104,11 @@ def _writev(fd: int, views: list[memoryview]) -> None:
 
 
 def writeAtomically(
-    path: Path, chunks: Iterable[bytes], syncDirectory: bool = True, sync: bool = True
+    path: Path,
+    chunks: Iterable[bytes],
+    syncDirectory: bool = True,
+    sync: bool = True,
+    temporary: Path | None = None,
 ) -> None:
     """
     Replace C{path} with C{chunks}, durably: after a crash the file holds
@@ -116,8 +120,11 @@ def writeAtomically(
     @param sync: When false, neither the file nor its directory is fsynced:
         the caller makes it durable with L{syncFilesystem} before relying on
         it, together with the other files of its batch.
+    @param temporary: The file to write through, on C{path}'s file system;
+        an existing one is truncated and reused, which is cheaper than
+        creating one. By default C{.tmp-NAME} beside C{path}.
     """
-    temporary = path.with_name(f".tmp-{path.name}")
+    temporary = temporary or path.with_name(f".tmp-{path.name}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:

@@ -13,6 +13,11 @@ corrupt file detectable::
 A file is written under a temporary name, fsynced, renamed into place and its
 directory fsynced, so it is either whole or absent. A file that fails its
 checks is moved to C{quarantine/} and never replayed.
+
+Creating a file is the costliest system call a write makes on some disks
+(more than its write and its share of the sync), so a deleted spool file is
+emptied and kept in C{spares/} beside the spool, up to L{SPARES} of them,
+and the next write goes through one of those instead of a new file.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import struct
 import zlib
+from collections import deque
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
@@ -47,6 +53,7 @@ _LENGTHS = struct.Struct(">IQ")
 _CHECKSUM = struct.Struct(">I")
 _MAX_METADATA = 1 << 20
 _SUFFIX = ".uow"
+SPARES = 256
 
 
 def fileName(uowId: int) -> str:
@@ -185,12 +192,20 @@ class Spool:
 
     log = Logger()
 
-    def __init__(self, directory: Path, quarantine: Path, blocking: Blocking) -> None:
+    def __init__(self, directory: Path, quarantine: Path, blocking: Blocking, spares: Path | None = None) -> None:
+        """
+        @param spares: Where emptied spool files are kept for reuse (on the
+            spool's file system); none are kept without it.
+        """
         self.directory = directory
         self.quarantineDirectory = quarantine
+        self.sparesDirectory = spares
         self._blocking = blocking
         self._group = GroupCommit(blocking, self._writeBatch)
         self._deletions = GroupCommit(blocking, runEach)
+        # Taken by writes and given back by deletions, which may run in
+        # different threads: a deque's append and popleft are atomic.
+        self._spares: deque[Path] = deque()
 
     def open(self) -> None:
         """
@@ -199,6 +214,9 @@ class Spool:
         makeDirectories(self.directory)
         makeDirectories(self.quarantineDirectory)
         removeTemporaries(self.directory)
+        if self.sparesDirectory is not None:
+            makeDirectories(self.sparesDirectory)
+            self._spares = deque(self.sparesDirectory.iterdir())
 
     def hasRoom(self, size: int, reserve: int) -> bool:
         """
@@ -238,7 +256,15 @@ class Spool:
         path = self.path(uow.id)
         head = _head(uow)
         try:
-            writeAtomically(path, _frame(head, uow), sync=False)
+            try:
+                spare = self._spares.popleft()
+            except IndexError:
+                writeAtomically(path, _frame(head, uow), sync=False)
+            else:
+                try:
+                    writeAtomically(path, _frame(head, uow), sync=False, temporary=spare)
+                except FileNotFoundError:  # the spare, or its folder, went
+                    writeAtomically(path, _frame(head, uow), sync=False)
         except OSError as e:
             raise _spoolError(e) from e
         if uow.bodyLength <= INLINE_BODY_BYTES:
@@ -285,11 +311,28 @@ class Spool:
         recorded. The removal is not fsynced: a file that a crash brings back
         has a final state, and recovery removes it again.
 
-        Deletions that arrive together share one thread-pool hop.
+        Deletions that arrive together share one thread-pool hop. The file
+        is emptied and kept for reuse while there are fewer than L{SPARES}.
 
         @return: A Deferred that fires with whether there was a file.
         """
-        return self._deletions.submit(removeFile, self.path(uowId))
+        return self._deletions.submit(self._remove, uowId)
+
+    def _remove(self, uowId: int) -> bool:
+        path = self.path(uowId)
+        if self.sparesDirectory is None or len(self._spares) >= SPARES:
+            return removeFile(path)
+        spare = self.sparesDirectory / str(uowId)  # ids are never reused
+        try:
+            os.truncate(path, 0)  # the request's bytes do not stay behind
+        except FileNotFoundError:
+            return False
+        try:
+            os.rename(path, spare)
+        except OSError:
+            return removeFile(path)  # the spares folder is gone, or on another file system
+        self._spares.append(spare)
+        return True
 
     def quarantine(self, uowId: int) -> Deferred[Path]:
         """

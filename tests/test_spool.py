@@ -199,6 +199,89 @@ class SpoolTests(SynchronousTestCase):
         self.failureResultOf(self.spool.load(3), CorruptSpoolFile)
 
 
+class SpareTests(SynchronousTestCase):
+    """
+    Deleted spool files are emptied and kept for reuse, so that a write
+    does not create a file.
+    """
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.spool = Spool(self.base / "spool", self.base / "quarantine", inline, self.base / "spares")
+        self.spool.open()
+
+    def test_deletedFileIsReused(self) -> None:
+        """
+        A deleted spool file is emptied and moved to the spares; the next
+        write goes through it (the same inode), without creating a file,
+        and holds exactly the new UOW.
+        """
+        self.successResultOf(self.spool.write(sample(1, body=b"a much longer body than the next one")))
+        inode = self.spool.path(1).stat().st_ino
+        self.assertTrue(self.successResultOf(self.spool.delete(1)))
+        self.assertEqual(os.listdir(self.spool.directory), [])
+        spare = self.base / "spares" / "1"
+        self.assertEqual((os.listdir(self.base / "spares"), spare.stat().st_size), (["1"], 0))
+        created = []
+        realOpen = os.open
+
+        def counting(path: object, flags: int, *args: object) -> int:
+            if flags & os.O_CREAT and not os.path.exists(path):  # type: ignore[arg-type]
+                created.append(path)
+            return realOpen(path, flags, *args)  # type: ignore[arg-type]
+
+        with mock.patch.object(durable.os, "open", counting):
+            self.successResultOf(self.spool.write(sample(2, body=b"short")))
+        self.assertEqual(created, [])
+        self.assertEqual(self.spool.path(2).stat().st_ino, inode)
+        self.assertEqual(os.listdir(self.base / "spares"), [])
+        self.assertEqual(self.successResultOf(self.spool.load(2)), sample(2, body=b"short"))
+        self.assertFalse(self.successResultOf(self.spool.delete(3)))
+
+    def test_sparesAreBounded(self) -> None:
+        """
+        Beyond SPARES, a deleted file is removed.
+        """
+        from apicontainer import spool as spoolModule
+
+        for uowId in (1, 2):
+            self.successResultOf(self.spool.write(sample(uowId)))
+        with mock.patch.object(spoolModule, "SPARES", 1):
+            for uowId in (1, 2):
+                self.assertTrue(self.successResultOf(self.spool.delete(uowId)))
+        self.assertEqual((os.listdir(self.spool.directory), os.listdir(self.base / "spares")), ([], ["1"]))
+
+    def test_sparesOutliveARestart(self) -> None:
+        """
+        Spares left by an earlier process are reused; they are never taken
+        for spooled UOWs.
+        """
+        self.successResultOf(self.spool.write(sample(1)))
+        self.successResultOf(self.spool.delete(1))
+        spool = Spool(self.base / "spool", self.base / "quarantine", inline, self.base / "spares")
+        spool.open()
+        self.assertEqual(spool.pending(), [])
+        self.successResultOf(spool.write(sample(2)))
+        self.assertEqual(os.listdir(self.base / "spares"), [])
+        self.assertEqual(spool.pending(), [2])
+
+    def test_noSparesFolder(self) -> None:
+        """
+        When the spares folder is gone, with its spares, a write creates a
+        file and a deletion removes it.
+        """
+        import shutil
+
+        for uowId in (1, 2):
+            self.successResultOf(self.spool.write(sample(uowId)))
+        self.successResultOf(self.spool.delete(1))
+        shutil.rmtree(self.base / "spares")
+        self.successResultOf(self.spool.write(sample(3)))
+        self.assertTrue(self.successResultOf(self.spool.delete(2)))
+        self.assertEqual(self.spool.pending(), [3])
+        self.assertEqual(self.successResultOf(self.spool.load(3)), sample(3))
+
+
 class ShortWriteTests(SynchronousTestCase):
     def test_shortWritesComplete(self) -> None:
         """
