@@ -288,7 +288,7 @@ class FilesystemStashTests(SynchronousTestCase):
         (self.root / ".undo" / "7.json").write_bytes(b'{"key": "/ite')  # an earlier release's record file
         whole = {"uow": 8, "key": "/items/43", "attempt": 1, "before": None, "target": "43.v8"}
         (self.root / ".undo" / "batch-3.jsonl").write_bytes(
-            json.dumps(whole).encode() + b'\n{"uow": 9, "key": "/items/44", "att'
+            json.dumps(whole).encode() + b'\n[1]\n"uow"\n{"uow": 9, "key": "/items/44", "att'
         )
         self.stash = FilesystemStash("files", self.root, inline)  # the restart after the crash
         self.successResultOf(self.stash.start())

@@ -127,6 +127,13 @@ def currentVersion(pointer: Path) -> str | None:
     return f"{pointer.name[: -len('.doc')]}.{os.getxattr(pointer, _UOW).decode('ascii')}"
 
 
+def _ownName(target: str) -> bytes:
+    """
+    What a version C{target} holds in C{user.uow}: C{v17} for C{42.v17}.
+    """
+    return target.rsplit(".", 1)[1].encode("ascii")
+
+
 def _takesAttributes(directory: Path) -> bool:
     """
     Whether files in C{directory} take user extended attributes.
@@ -158,7 +165,7 @@ def _readJournal(path: Path) -> list[tuple[int, dict]]:  # type: ignore[type-arg
             uowId = record.pop("uow")
             if isinstance(uowId, int) and set(record) == {"key", "attempt", "before", "target"}:
                 records.append((uowId, record))
-        except (ValueError, AttributeError, KeyError):
+        except (ValueError, AttributeError, KeyError, TypeError):
             continue
     return records
 
@@ -499,7 +506,7 @@ class FilesystemStash:
         deletion = _TARGET.match(target)["kind"] == "d"  # type: ignore[index]
         contentType = None if deletion else uow.contentType
         if self._attributes:
-            attributes = {_UOW: target.rsplit(".", 1)[1].encode("ascii")}
+            attributes = {_UOW: _ownName(target)}
             if contentType:
                 attributes[_CONTENT_TYPE] = contentType.encode("utf-8")
             try:
@@ -525,7 +532,7 @@ class FilesystemStash:
             removeDurably(pointer)
             return
         try:
-            linked = os.getxattr(pointer.with_name(target), _UOW) == target.rsplit(".", 1)[1].encode()
+            linked = os.getxattr(pointer.with_name(target), _UOW) == _ownName(target)
         except OSError:
             linked = False  # a version, or a deletion, without its name
         self._link(pointer, target, linked)
