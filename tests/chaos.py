@@ -5,8 +5,12 @@ manner of Jepsen's set checker compares what the clients were told with what
 the stores hold.
 
     .venv/bin/python -m tests.chaos --cycles 300
+    .venv/bin/python -m tests.chaos --cycles 300 --keys 20
 
-prints one line of figures; tests/test_chaos.py runs a bounded form.
+prints one line of figures; tests/test_chaos.py runs a bounded form. With
+C{--keys N} the clients write over N shared keys, each write a body of its
+own, and the checker also looks for lost updates: a key left holding a write
+older than one that a client sent after that write was acknowledged.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ class Result:
     @ivar told: How many requests ended in each answer the clients got:
         C{acked} (200), C{queued} (5xx with a UOW), C{refused} (not
         spooled), C{unknown} (the connection died first).
-    @ivar lost: Acknowledged writes missing from a store.
-    @ivar partial: Keys present in one store only, once quiet.
+    @ivar lost: Acknowledged writes missing from a store, or, on shared keys,
+        overwritten by an older write.
+    @ivar partial: Keys present in one store only, or holding different
+        writes in the two stores, once quiet.
     @ivar unexpected: Keys present that no client sent, or with a body no
         client sent.
     @ivar unsettled: Writes told queued that never landed.
@@ -69,27 +75,50 @@ class Result:
         )
 
 
-def _client(server: RunningServer, name: str, stop: threading.Event, told: dict[str, str]) -> None:
+@define
+class Write:
+    """
+    One write a client sent: its key, the answer it got, and when it was
+    sent and answered (monotonic seconds).
+    """
+
+    key: str
+    answer: str
+    sent: float
+    answered: float
+
+
+def _client(
+    server: RunningServer, name: str, stop: threading.Event, told: dict[str, Write], keys: int
+) -> None:
+    """
+    Write until stopped: each write a body of its own (C{name-n}), to a key
+    of its own, or to one of C{keys} shared keys.
+    """
+    rng = random.Random(name)
     n = 0
     while not stop.is_set():
         n += 1
-        key = f"/items/{name}-{n}"
+        body = f"/items/{name}-{n}"
+        key = f"/items/k{rng.randrange(keys)}" if keys else body
+        sent = time.monotonic()
         try:
             connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            connection.request("PUT", key, body=key.encode())
+            connection.request("PUT", key, body=body.encode())
             response = connection.getresponse()
-            body = json.loads(response.read() or b"{}")
+            reply = json.loads(response.read() or b"{}")
             connection.close()
         except (OSError, http.client.HTTPException, ValueError):
-            told[key] = "unknown"
+            told[body] = Write(key, "unknown", sent, time.monotonic())
             stop.wait(0.02)
             continue
         if response.status == 200:
-            told[key] = "acked"
-        elif "uow" in body:
-            told[key] = "queued"
+            answer = "acked"
+        elif "uow" in reply:
+            answer = "queued"
         else:
-            told[key] = "refused"
+            answer = "refused"
+        told[body] = Write(key, answer, sent, time.monotonic())
 
 
 def _quiet(server: RunningServer, timeout: float = 120) -> None:
@@ -116,19 +145,24 @@ def _stores(server: RunningServer) -> tuple[dict[str, bytes], dict[str, bytes]]:
     return records, files
 
 
-def run(directory: Path, cycles: int, clients: int = 4, seed: int = 0, report: bool = False) -> Result:
+def run(
+    directory: Path, cycles: int, clients: int = 4, seed: int = 0, report: bool = False, keys: int = 0
+) -> Result:
     """
     Run C{cycles} kill-and-restart cycles, then settle and check.
+
+    @param keys: Write over this many shared keys; by default each write
+        has a key of its own.
     """
     rng = random.Random(seed)
     started = time.monotonic()
     server = RunningServer(directory, CONFIG)
-    told: dict[str, str] = {}
+    told: dict[str, Write] = {}
     for cycle in range(cycles):
         server.start()
         stop = threading.Event()
         threads = [
-            threading.Thread(target=_client, args=(server, f"c{cycle}x{c}", stop, told), daemon=True)
+            threading.Thread(target=_client, args=(server, f"c{cycle}x{c}", stop, told, keys), daemon=True)
             for c in range(clients)
         ]
         for thread in threads:
@@ -146,19 +180,44 @@ def run(directory: Path, cycles: int, clients: int = 4, seed: int = 0, report: b
         records, files = _stores(server)
     finally:
         server.kill(signal.SIGTERM)
-    result = Result(cycles=cycles, told=Counter(told.values()), seconds=time.monotonic() - started)
-    for key, answer in sorted(told.items()):
-        inRecords, inFiles = key in records, key in files
-        if answer == "acked" and not (inRecords and inFiles):
-            result.lost.append(key)
-        if answer == "queued" and not (inRecords and inFiles):
-            result.unsettled.append(key)
-    for key in sorted(set(records) ^ set(files)):
-        result.partial.append(key)
-    for key in sorted(set(records) | set(files)):
-        if key not in told or records.get(key, key.encode()) != key.encode() or files.get(key, key.encode()) != key.encode():
-            result.unexpected.append(key)
+    result = Result(
+        cycles=cycles, told=Counter(write.answer for write in told.values()), seconds=time.monotonic() - started
+    )
+    check(result, told, records, files, keys)
     return result
+
+
+def check(result: Result, told: dict[str, Write], records: dict[str, bytes], files: dict[str, bytes], keys: int) -> None:
+    """
+    Compare what the clients were told with what the two stores hold, once
+    quiet, and add what is wrong to C{result}.
+    """
+    for body, write in sorted(told.items()):
+        held = (records.get(write.key), files.get(write.key))
+        if keys:
+            # Shared keys: a write that landed may have been overwritten
+            # since, but never by one older than itself.
+            landed = all(held)
+        else:
+            landed = held == (body.encode(), body.encode())
+        if write.answer == "acked" and not landed:
+            result.lost.append(body)
+        if write.answer == "queued" and not landed:
+            result.unsettled.append(body)
+    for key in sorted(set(records) | set(files)):
+        if records.get(key) != files.get(key):
+            result.partial.append(key)
+            continue
+        final = told.get(records[key].decode())
+        if final is None or final.key != key or final.answer == "refused":
+            result.unexpected.append(key)
+            continue
+        # A write is spooled, and gets its UOW id, before its answer: every
+        # write to the key sent after this one's answer has a later id, and
+        # if it landed (acked or queued) it must have won.
+        for body, write in told.items():
+            if write.key == key and write.sent > final.answered and write.answer in ("acked", "queued"):
+                result.lost.append(body)
 
 
 def main() -> None:
@@ -166,9 +225,10 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keys", type=int, default=0, help="write over this many shared keys")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="apicontainer-chaos-") as directory:
-        result = run(Path(directory), args.cycles, args.clients, args.seed, report=True)
+        result = run(Path(directory), args.cycles, args.clients, args.seed, report=True, keys=args.keys)
     print(result.line())
     for label in ("lost", "partial", "unexpected", "unsettled"):
         if getattr(result, label):
