@@ -4,6 +4,7 @@ The server as a Twisted service: starts the container, then listens.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from typing import Any
@@ -108,6 +109,11 @@ class ContainerService(Service):
             return
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._hangup)
+        # What start-up built lives as long as the process: out of the cyclic
+        # collector's sight, its full collections (which paused the reactor
+        # for about 50 ms each under load) scan only what came since.
+        gc.collect()
+        gc.freeze()
         self.log.info(
             "api-container ready: {routes} route(s), stashes {stashes}, data in {dataDir}",
             routes=len(config.routes),
