@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -80,6 +81,25 @@ class FilesystemStashSymlinkContractTests(StashContractTests, SynchronousTestCas
         stash = FilesystemStash("files", Path(self.mktemp()), inline)
         self.successResultOf(stash.start())
         return stash
+
+
+@contextmanager
+def filesOpenedToCreate() -> Iterator[list[str]]:
+    """
+    The names of the files opened with C{O_CREAT} while in the block.
+    """
+    from unittest import mock
+
+    created: list[str] = []
+    realOpen = os.open
+
+    def counting(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_CREAT:
+            created.append(Path(str(path)).name)
+        return realOpen(path, flags, *args)  # type: ignore[arg-type]
+
+    with mock.patch.object(os, "open", counting):
+        yield created
 
 
 def uow(uowId: int, key: str = "/items/1", body: bytes = b"x", **kw: object) -> UnitOfWork:
@@ -176,15 +196,7 @@ class FilesystemStashTests(SynchronousTestCase):
         """
         from unittest import mock
 
-        created = []
-        realOpen = os.open
-
-        def counting(path: object, flags: int, *args: object) -> int:
-            if flags & os.O_CREAT:
-                created.append(Path(str(path)).name)
-            return realOpen(path, flags, *args)  # type: ignore[arg-type]
-
-        with mock.patch.object(os, "open", counting), mock.patch.object(os, "symlink") as symlink:
+        with filesOpenedToCreate() as created, mock.patch.object(os, "symlink") as symlink:
             self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
         self.assertEqual((created, symlink.call_count), (["42.v7", "batch-1.jsonl"], 0))
         pointer = self.root / "items" / "42.doc"
@@ -310,20 +322,10 @@ class FilesystemStashTests(SynchronousTestCase):
         last record does: a batch of writes creates one file per version
         and one journal.
         """
-        from unittest import mock
-
         stash, runAll = self.batched()
-        created: list[str] = []
-        realOpen = os.open
-
-        def counting(path: object, flags: int, *args: object) -> int:
-            if flags & os.O_CREAT:
-                created.append(Path(str(path)).name)
-            return realOpen(path, flags, *args)  # type: ignore[arg-type]
-
         first = stash.stash(uow(1, "/items/1"))
         rest = [stash.stash(uow(uowId, f"/items/{uowId}")) for uowId in (2, 3, 4)]
-        with mock.patch.object(os, "open", counting):
+        with filesOpenedToCreate() as created:
             runAll()
         for verdict in [first, *rest]:
             self.assertEqual(self.successResultOf(verdict).kind, VerdictKind.stored)
