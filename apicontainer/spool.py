@@ -255,16 +255,17 @@ class Spool:
     def _write(self, uow: UnitOfWork) -> UnitOfWork:
         path = self.path(uow.id)
         head = _head(uow)
+        # Writes take spares one batch at a time, and deletions only give
+        # them back: one that is here now is still here on the next line.
+        spare = self._spares.popleft() if self._spares else None
         try:
             try:
-                spare = self._spares.popleft()
-            except IndexError:
+                writeAtomically(path, _frame(head, uow), sync=False, temporary=spare)
+            except FileNotFoundError:
+                if spare is None:
+                    raise
+                # The spare, or its folder, went: a new file instead.
                 writeAtomically(path, _frame(head, uow), sync=False)
-            else:
-                try:
-                    writeAtomically(path, _frame(head, uow), sync=False, temporary=spare)
-                except FileNotFoundError:  # the spare, or its folder, went
-                    writeAtomically(path, _frame(head, uow), sync=False)
         except OSError as e:
             raise _spoolError(e) from e
         if uow.bodyLength <= INLINE_BODY_BYTES:

@@ -13,12 +13,31 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 from typing import Any, Iterator
 
 import pytest
 
 TWIST = [str(Path(sys.executable).parent / "twist")]
+
+
+@contextmanager
+def filesCreated() -> Iterator[list[str]]:
+    """
+    The names of the files that C{os.open} created while in the block.
+    """
+    created: list[str] = []
+    realOpen = os.open
+
+    def counting(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_CREAT and not os.path.lexists(path):
+            created.append(Path(path).name)
+        return realOpen(path, flags, *args)
+
+    with mock.patch.object(os, "open", counting):
+        yield created
 
 
 def freePort() -> int:

@@ -22,6 +22,8 @@ from apicontainer.spool import CorruptSpoolFile, Spool, SpoolError, SpoolFull, d
 from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, UnitOfWork, Verdict
 from apicontainer.uowids import UOWIds
 
+from .conftest import filesCreated
+
 
 def sample(uowId: int = 7, body: bytes = b'{"a": 1}') -> UnitOfWork:
     return UnitOfWork(
@@ -222,15 +224,7 @@ class SpareTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.spool.directory), [])
         spare = self.base / "spares" / "1"
         self.assertEqual((os.listdir(self.base / "spares"), spare.stat().st_size), (["1"], 0))
-        created = []
-        realOpen = os.open
-
-        def counting(path: object, flags: int, *args: object) -> int:
-            if flags & os.O_CREAT and not os.path.exists(path):  # type: ignore[arg-type]
-                created.append(path)
-            return realOpen(path, flags, *args)  # type: ignore[arg-type]
-
-        with mock.patch.object(durable.os, "open", counting):
+        with filesCreated() as created:
             self.successResultOf(self.spool.write(sample(2, body=b"short")))
         self.assertEqual(created, [])
         self.assertEqual(self.spool.path(2).stat().st_ino, inode)

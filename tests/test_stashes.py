@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,6 +22,8 @@ from apicontainer.stashes.http import HTTPStash
 from apicontainer.stashes.sqlite import SQLiteStash
 from apicontainer.testing import MemoryStash, StashContractTests
 from apicontainer.uow import UnitOfWork, VerdictKind
+
+from .conftest import filesCreated
 
 
 class MemoryStashContractTests(StashContractTests, SynchronousTestCase):
@@ -81,25 +82,6 @@ class FilesystemStashSymlinkContractTests(StashContractTests, SynchronousTestCas
         stash = FilesystemStash("files", Path(self.mktemp()), inline)
         self.successResultOf(stash.start())
         return stash
-
-
-@contextmanager
-def filesOpenedToCreate() -> Iterator[list[str]]:
-    """
-    The names of the files opened with C{O_CREAT} while in the block.
-    """
-    from unittest import mock
-
-    created: list[str] = []
-    realOpen = os.open
-
-    def counting(path: object, flags: int, *args: object) -> int:
-        if flags & os.O_CREAT:
-            created.append(Path(str(path)).name)
-        return realOpen(path, flags, *args)  # type: ignore[arg-type]
-
-    with mock.patch.object(os, "open", counting):
-        yield created
 
 
 def uow(uowId: int, key: str = "/items/1", body: bytes = b"x", **kw: object) -> UnitOfWork:
@@ -196,7 +178,7 @@ class FilesystemStashTests(SynchronousTestCase):
         """
         from unittest import mock
 
-        with filesOpenedToCreate() as created, mock.patch.object(os, "symlink") as symlink:
+        with filesCreated() as created, mock.patch.object(os, "symlink") as symlink:
             self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
         self.assertEqual((created, symlink.call_count), (["42.v7", "batch-1.jsonl"], 0))
         pointer = self.root / "items" / "42.doc"
@@ -325,7 +307,7 @@ class FilesystemStashTests(SynchronousTestCase):
         stash, runAll = self.batched()
         first = stash.stash(uow(1, "/items/1"))
         rest = [stash.stash(uow(uowId, f"/items/{uowId}")) for uowId in (2, 3, 4)]
-        with filesOpenedToCreate() as created:
+        with filesCreated() as created:
             runAll()
         for verdict in [first, *rest]:
             self.assertEqual(self.successResultOf(verdict).kind, VerdictKind.stored)
