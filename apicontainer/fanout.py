@@ -292,7 +292,7 @@ class Fanout:
                 reach(f"during-{step}")
             ok = await self._onStash(step, uow, name, routing)
             if self._metrics is not None:
-                self._metrics.rollbacks.labels(name, "ok" if ok else "failed").inc()
+                self._metrics.of(self._metrics.rollbacks, name, "ok" if ok else "failed").inc()
             if not ok:
                 failed.append(name)
         return failed
@@ -321,7 +321,7 @@ class Fanout:
 
     def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:
         if self._metrics is not None:
-            self._metrics.uows.labels(uow.route, state).inc()
+            self._metrics.of(self._metrics.uows, uow.route, state).inc()
         if state in ("stored", "superseded"):
             emit = self.log.info
         elif state in ("parked", "stuck"):

@@ -4,9 +4,11 @@ Resource keys: the request path, decoded and checked.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote_to_bytes
 
 MAX_KEY_BYTES = 1024
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class BadKey(ValueError):
@@ -33,7 +35,7 @@ def keyFromPath(rawPath: bytes) -> str:
             raise BadKey("the path has an empty, '.' or '..' segment")
         if b"/" in segment:
             raise BadKey("the path has an encoded '/' in a segment")
-        if any(byte < 0x20 or byte == 0x7F for byte in segment):
+        if _CONTROL.search(segment):
             raise BadKey("the path has a control character (NUL, CR, LF, ...)")
         try:
             segments.append(segment.decode("utf-8"))

@@ -8,7 +8,7 @@ their counts.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -48,6 +48,18 @@ class Metrics:
             "apicontainer_recovered", "UOWs handled by recovery at start, by what happened.", ["what"], registry=r
         )
         self.retries = Counter("apicontainer_retries", "Attempts started by the retry engine.", registry=r)
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def of(self, metric: Any, *labels: object) -> Any:
+        """
+        C{metric}'s child for C{labels}, looked up once per label set: on the
+        path of every request, a lookup by labels cost more than the count.
+        """
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*map(str, labels))
+        return child
 
     def watch(self, container: Container) -> None:
         """

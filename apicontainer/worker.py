@@ -102,8 +102,8 @@ class StashWorker:
         started = self._clock.seconds()
         verdict = await self._call(uow)
         if self._metrics is not None:
-            self._metrics.latency.labels(self.name).observe(self._clock.seconds() - started)
-            self._metrics.verdicts.labels(self.name, verdict.kind.value, str(verdict.status)).inc()
+            self._metrics.of(self._metrics.latency, self.name).observe(self._clock.seconds() - started)
+            self._metrics.of(self._metrics.verdicts, self.name, verdict.kind.value, verdict.status).inc()
         return verdict
 
     async def _call(self, uow: UnitOfWork) -> Verdict:
