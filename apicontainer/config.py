@@ -120,6 +120,15 @@ class Section:
             raise self.error(key, f"must be a whole number >= {minimum}, not {value!r}")
         return value
 
+    def boolean(self, key: str, default: Any = _REQUIRED) -> bool:
+        """
+        C{true} or C{false}.
+        """
+        value = self._take(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
     def number(self, key: str, default: Any = _REQUIRED, minimum: float = 0.0) -> float:
         """
         A number greater than C{minimum}.

@@ -117,7 +117,7 @@ class ConfigTests(SynchronousTestCase):
         """
         self.assertIn(":3: data_dri: unknown key", self.refused(GOOD.replace("data_dir", "data_dri")))
         message = self.refused(GOOD.replace("root: files}", "root: files, prat: a}"), build=True)
-        self.assertTrue(message.startswith(":6: stashes.files.prat: unknown key (known here: concurrency, part, root, timeout_s, type)"), message)
+        self.assertTrue(message.startswith(":6: stashes.files.prat: unknown key (known here: concurrency, part, process, root, timeout_s, type)"), message)
 
     def test_wrongTypes(self) -> None:
         """

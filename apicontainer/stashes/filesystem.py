@@ -57,10 +57,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -81,6 +82,9 @@ from ..durable import (
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
+
+if TYPE_CHECKING:
+    from .fsprocess import FilesystemProcessStash
 
 _SAFE = "-_"
 _CONTENT_TYPE = "user.content_type"
@@ -226,13 +230,19 @@ class FilesystemStash:
         self._attributes = True
 
     @classmethod
-    def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash:
+    def fromConfig(cls, spec: StashSpec, context: StashContext) -> FilesystemStash | FilesystemProcessStash:
         """
         Build the stash from its options: C{root} (relative to the data
-        directory).
+        directory) and C{process}: whether to run it in a child process of
+        its own (L{FilesystemProcessStash}); by default, where the context's
+        reactor can start one (in the server, not in unit tests).
         """
-        root = spec.options.string("root")
-        return cls(spec.name, context.path(root), context.blocking)
+        root = context.path(spec.options.string("root"))
+        if spec.options.boolean("process", IReactorProcess.providedBy(context.reactor)):
+            from .fsprocess import FilesystemProcessStash
+
+            return FilesystemProcessStash(spec.name, root, context.reactor)
+        return cls(spec.name, root, context.blocking)
 
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)
@@ -278,11 +288,11 @@ class FilesystemStash:
         return succeed(None)
 
     def probe(self) -> Deferred[None]:
-        def check() -> None:
-            if not self._undo.is_dir() or not os.access(self._undo, os.W_OK):
-                raise OSError(f"{self.root} is not a writable directory with its .undo folder")
+        return self._blocking(self._check)
 
-        return self._blocking(check)
+    def _check(self) -> None:
+        if not self._undo.is_dir() or not os.access(self._undo, os.W_OK):
+            raise OSError(f"{self.root} is not a writable directory with its .undo folder")
 
     def _pointer(self, key: str) -> Path:
         segments = [encodeSegment(s) for s in key.strip("/").split("/")]
