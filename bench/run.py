@@ -7,7 +7,7 @@ Measure the server against the same-run baseline.
 For each case it starts the real server (`twist apicontainer`) on a config
 of that case in a temporary data directory, drives it with wrk from another
 process over loopback (each request a key of its own), and prints req/s,
-p50, p99 and the server's peak RSS, each also as a ratio to the baseline (a
+p50, p99 and the peak RSS of the server and its child processes, each also as a ratio to the baseline (a
 Klein app that reads the body and stores nothing) measured in the same run
 with the same concurrency and body size. Beside each baseline it measures
 two floors: bench/floor.py (the same app writing each body durably to a file
@@ -79,11 +79,37 @@ def waitFor(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def peakRSS(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def family(pid: int) -> list[int]:
+    """
+    Process C{pid} and its descendants (the server and the child process
+    of each filesystem stash).
+    """
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                pids += family(int(child))
+    except FileNotFoundError:
+        pass  # it has just ended
+    return pids
+
+
+def _status(pid: int, field: str) -> int:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in lines:
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def peakRSS(pid: int) -> int:
+    """
+    The sum of the peak RSS of the server and its child processes.
+    """
+    return sum(_status(p, "VmHWM:") for p in family(pid))
 
 
 def wrk(port: int, concurrency: int, seconds: float, body: int, failEvery: int) -> dict[str, float]:
@@ -110,10 +136,17 @@ def wrk(port: int, concurrency: int, seconds: float, body: int, failEvery: int) 
 
 def cpuSeconds(pid: int) -> float:
     """
-    The CPU time (user and system, all threads) process C{pid} has used.
+    The CPU time (user and system, all threads) process C{pid} and its
+    child processes have used.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def measure(command: list[str], port: int, concurrency: int, seconds: float, body: int, failEvery: int, cwd: Path) -> dict[str, Any]:
@@ -164,10 +197,7 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
 
 
 def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return sum(_status(p, "VmRSS:") for p in family(pid))
 
 
 def soak(minutes: float) -> None:

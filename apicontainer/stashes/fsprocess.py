@@ -231,19 +231,20 @@ class _Child(ProcessProtocol):
             return
         self._buffer += data
         for head, body in frames(self._buffer):
+            # One given up on (cancelled by a timeout) ignores its answer.
             answer = self.pending.popleft()
-            if not answer.called:  # not given up on (a timeout)
-                try:
-                    answer.callback(_result(head, body))
-                except Exception:
-                    answer.errback()
+            try:
+                result = _result(head, body)
+            except Exception:
+                answer.errback()
+            else:
+                answer.callback(result)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         pending, self.pending = self.pending, deque()
         for answer in pending:
-            if not answer.called:
-                answer.errback(OSError(f"the process of filesystem stash {self._owner.name} ended: {reason.value}"))
+            answer.errback(OSError(f"the process of filesystem stash {self._owner.name} ended: {reason.value}"))
         self._owner._ended(self, reason)
 
 

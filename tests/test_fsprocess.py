@@ -1,0 +1,252 @@
+"""
+The filesystem stash in a child process: the stash contract and random
+interleavings through a real child, the frames, large bodies read from the
+spool, and what happens when the child ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from attrs import evolve
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+
+from apicontainer.config import ConfigError, StashSpec
+from apicontainer.stashes.filesystem import FilesystemStash
+from apicontainer.stashes.fsprocess import FilesystemProcessStash, decodeUOW, encodeUOW, frame, frames
+from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
+from apicontainer.uow import SpooledBody, VerdictKind
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    done: Deferred[None] = Deferred()
+    reactor.callLater(seconds, done.callback, None)  # type: ignore[attr-defined]
+    return done
+
+
+async def started(root: Path) -> FilesystemProcessStash:
+    stash = FilesystemProcessStash("files", root, reactor)
+    await stash.start()
+    return stash
+
+
+def childPid(stash: FilesystemProcessStash) -> int:
+    assert stash._child is not None
+    return stash._child.transport.pid  # type: ignore[union-attr, no-any-return]
+
+
+async def ended(stash: FilesystemProcessStash) -> None:
+    while stash._child is not None:
+        await sleep(0.01)
+
+
+@pytest.mark.parametrize("check", list(CONTRACT.values()), ids=list(CONTRACT))
+@pytest_twisted.ensureDeferred
+async def test_contract(tmp_path: Path, check: Any) -> None:
+    """
+    Through its child, the filesystem stash keeps each rule of the stash
+    contract.
+    """
+    stash = await started(tmp_path / "files")
+    try:
+        await check(stash)
+    finally:
+        await stash.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_interleavings(tmp_path: Path) -> None:
+    """
+    Random interleavings give the verdicts and documents of the reference.
+    """
+    for number, operations in enumerate(randomInterleavings(12, seed=4222)):
+        stash = await started(tmp_path / f"files-{number}")
+        try:
+            await checkInterleaving(stash, operations)
+        finally:
+            await stash.stop()
+
+
+def test_frames() -> None:
+    """
+    Frames come off a buffer whole, however the bytes arrive; a partial
+    frame waits for the rest.
+    """
+    data = frame({"op": "stash", "n": 1}, b"body\x00") + frame({"op": "read"}) + frame({"n": 3}, b"x" * 70000)
+    buffer = bytearray()
+    seen = []
+    for start in range(0, len(data), 997):
+        buffer += data[start : start + 997]
+        seen.extend(frames(buffer))
+    assert seen == [({"op": "stash", "n": 1}, b"body\x00"), ({"op": "read"}, b""), ({"n": 3}, b"x" * 70000)]
+    assert buffer == bytearray()
+
+
+def test_uowRoundTrip(tmp_path: Path) -> None:
+    """
+    A UOW crosses whole; a spooled body crosses as where it lies, not as
+    its bytes.
+    """
+    uow = contractUOW(7, b"seven", attempt=9)
+    assert decodeUOW(*encodeUOW(uow)) == uow
+    spool = tmp_path / "7.uow"
+    spool.write_bytes(b"head" + b"b" * 100000 + b"tail")
+    large = evolve(contractUOW(8), body=SpooledBody(spool, 4, 100000))
+    head, body = encodeUOW(large)
+    assert body == b"" and head["spooled"] == [str(spool), 4, 100000]
+    assert decodeUOW(head, body).body == b"b" * 100000
+
+
+@pytest_twisted.ensureDeferred
+async def test_largeBodyReadFromTheSpool(tmp_path: Path) -> None:
+    """
+    The child reads a large body from the spool file and stores it whole.
+    """
+    spool = tmp_path / "9.uow"
+    body = os.urandom(300000)
+    spool.write_bytes(b"head" + body + b"tail")
+    stash = await started(tmp_path / "files")
+    try:
+        uow = evolve(contractUOW(9), body=SpooledBody(spool, 4, len(body)))
+        assert (await stash.stash(uow)).kind is VerdictKind.stored
+        await stash.commit(uow)
+        assert (await stash.read("/items/1")).body == body  # type: ignore[union-attr]
+    finally:
+        await stash.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_manyCallsInFlight(tmp_path: Path) -> None:
+    """
+    Calls made together (one batch in the child) get their own answers.
+    """
+    stash = await started(tmp_path / "files")
+    try:
+        uows = [contractUOW(n, b"body %d" % n, key=f"/items/{n}") for n in range(1, 81)]
+        verdicts = await gather([stash.stash(uow) for uow in uows])
+        assert [v.kind for v in verdicts] == [VerdictKind.stored] * 80
+        await gather([stash.commit(uow) for uow in uows])
+        documents = await gather([stash.read(f"/items/{n}") for n in range(1, 81)])
+        assert [(d.body, d.uow) for d in documents] == [(b"body %d" % n, n) for n in range(1, 81)]
+    finally:
+        await stash.stop()
+
+
+async def gather(calls: list[Deferred[Any]]) -> list[Any]:
+    return [await call for call in calls]
+
+
+@pytest_twisted.ensureDeferred
+async def test_aKilledChildFailsItsCallsAndANewOneTakesOver(tmp_path: Path) -> None:
+    """
+    A call the child never answered is a 503; the next call starts a new
+    child, which reads the undo records back: a rollback after the restart
+    restores the before-image.
+    """
+    stash = await started(tmp_path / "files")
+    try:
+        first, second = contractUOW(1, b"first"), contractUOW(2, b"second")
+        assert (await stash.stash(first)).kind is VerdictKind.stored
+        await stash.commit(first)
+        assert (await stash.stash(second)).kind is VerdictKind.stored
+        lost = stash.stash(contractUOW(3, b"third", key="/items/3"))
+        os.kill(childPid(stash), signal.SIGKILL)
+        verdict = await lost
+        assert (verdict.kind, verdict.status) == (VerdictKind.failed, 503)
+        assert "ended" in (verdict.detail or "")
+        await ended(stash)
+        await stash.rollback(second)
+        assert (await stash.read("/items/1")).body == b"first"  # type: ignore[union-attr]
+    finally:
+        await stash.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_aCallGivenUpOnKeepsTheOthersInStep(tmp_path: Path) -> None:
+    """
+    A call given up on (its timeout cancels it) still takes its answer off
+    the line, so that the next call gets its own.
+    """
+    stash = await started(tmp_path / "files")
+    try:
+        given = stash.stash(contractUOW(1, b"one"))
+        given.cancel()
+        with pytest.raises(CancelledError):
+            await given
+        verdict = await stash.stash(contractUOW(2, b"two", key="/items/2")).addTimeout(10, reactor)
+        assert verdict.kind is VerdictKind.stored
+        assert (await stash.read("/items/2").addTimeout(10, reactor)).body == b"two"  # type: ignore[union-attr]
+    finally:
+        await stash.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_oneChildPerRoot(tmp_path: Path) -> None:
+    """
+    A second child on the same root (a server restarted while the child of
+    the last one still finishes its batch) waits for the first to end.
+    """
+    first = await started(tmp_path / "files")
+    second = FilesystemProcessStash("files", tmp_path / "files", reactor)
+    starting = second.start()
+    await sleep(1.0)
+    assert not starting.called
+    await first.stop()
+    await starting
+    try:
+        assert (await second.stash(contractUOW(1, b"one"))).kind is VerdictKind.stored
+    finally:
+        await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_errorsComeBackAsVerdicts(tmp_path: Path) -> None:
+    """
+    A write the file system refuses is a 503 naming the problem; a root that
+    cannot be opened fails the start.
+    """
+    stash = await started(tmp_path / "files")
+    try:
+        (tmp_path / "files" / "items").write_bytes(b"a file where a folder goes")
+        verdict = await stash.stash(contractUOW(1, b"one"))
+        assert (verdict.kind, verdict.status) == (VerdictKind.failed, 503)
+        assert "Not a directory" in (verdict.detail or "")
+    finally:
+        await stash.stop()
+    (tmp_path / "plain").write_bytes(b"")
+    broken = FilesystemProcessStash("files", tmp_path / "plain", reactor)
+    with pytest.raises(OSError):
+        await broken.start()
+    await ended(broken)
+
+
+def test_processOption(tmp_path: Path) -> None:
+    """
+    C{process} picks the child; by default it is used where the reactor can
+    start processes, and a value that is not a boolean is refused.
+    """
+    from apicontainer.config import loadConfig
+    from apicontainer.stashes import StashContext
+    from apicontainer.blocking import inline
+
+    def build(options: str, withReactor: bool) -> Any:
+        path = tmp_path / "config.yaml"
+        path.write_text(
+            f"data_dir: {tmp_path}\nstashes:\n  files: {{type: filesystem, root: files{options}}}\n"
+            "routes:\n  - path: /items/<id>\n    stashes: [files]\n"
+        )
+        spec: StashSpec = loadConfig(path).stashes["files"]
+        context = StashContext(reactor if withReactor else None, tmp_path, inline, lambda name: inline, reactor if withReactor else None)
+        return FilesystemStash.fromConfig(spec, context)
+
+    assert isinstance(build("", True), FilesystemProcessStash)
+    assert isinstance(build("", False), FilesystemStash)
+    assert isinstance(build(", process: false", True), FilesystemStash)
+    with pytest.raises(ConfigError, match="process: must be true or false"):
+        build(", process: 'yes'", True)
