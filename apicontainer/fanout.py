@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +23,15 @@ from .spool import Spool
 from .states import FinalState, StateRecord, StateStore
 from .uow import Outcome, Report, UnitOfWork, Verdict
 from .worker import Delivery, StashWorker
+
+# Seconds to wait before each new try of a failed commit.
+COMMIT_RETRIES = (0.1, 1.0)
+
+
+class CommitFailed(Exception):
+    """
+    A stash could not commit a UOW that every stash had stored.
+    """
 
 
 @frozen
@@ -191,7 +201,7 @@ class Fanout:
         else:
             report = await self._deliver(uow, names, routing)
         if report.outcome is Outcome.stored:
-            await self._everywhere("commit", uow, names, routing)
+            await self._commit(uow, names, routing)
             await self._finish(uow, FinalState.stored, report)
             return report
         unfinished = await self._everywhere("rollback", uow, list(reversed(names)), routing)
@@ -263,6 +273,25 @@ class Fanout:
             self.log.failure("spool file of UOW {uow} could not be deleted", uow=uow.id)
         self._logReport(uow, report, state.value)
         self._records.finish(uow, UOWState(state.value), report)
+
+    async def _commit(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> None:
+        """
+        Commit C{uow} everywhere. A stash whose commit fails is asked again
+        after each of L{COMMIT_RETRIES} seconds (a commit is idempotent; a
+        filesystem stash whose process ended commits through a new one).
+
+        @raise CommitFailed: A commit still failed: the UOW is not settled,
+            and its spool file stays for recovery (its write may not be
+            durable, so it gets no 200).
+        """
+        failed = await self._everywhere("commit", uow, names, routing)
+        for delay in COMMIT_RETRIES:
+            if not failed:
+                return
+            await deferLater(self._clock, delay, lambda: None)
+            failed = await self._everywhere("commit", uow, failed, routing)
+        if failed:
+            raise CommitFailed(f"UOW {uow.id} could not be committed in {', '.join(failed)}")
 
     async def _everywhere(
         self, step: str, uow: UnitOfWork, names: Sequence[str], routing: Routing

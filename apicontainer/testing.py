@@ -65,6 +65,8 @@ class MemoryStash:
         stash worker's timeout does).
     @ivar decline: When true, C{stash} declines every UOW.
     @ivar failRollback: When true, C{rollback} fails.
+    @ivar failCommits: How many of the next C{commit} calls fail (as a
+        commit fails whose sync failed, or whose process ended).
     @ivar calls: Every call, as C{(method, uow id)}, in order.
     @ivar journal: A list, perhaps shared between stashes, that every call is
         appended to as C{(stash name, method, uow id)}.
@@ -79,6 +81,7 @@ class MemoryStash:
         decline: bool = False,
         failRollback: bool = False,
         journal: list[tuple[str, str, int]] | None = None,
+        failCommits: int = 0,
     ) -> None:
         self.name = name
         self.failWith = failWith
@@ -86,6 +89,7 @@ class MemoryStash:
         self.hang = hang
         self.decline = decline
         self.failRollback = failRollback
+        self.failCommits = failCommits
         self.journal = [] if journal is None else journal
         self.documents: dict[str, Document] = {}
         self.undo: dict[int, _Undo] = {}
@@ -152,6 +156,9 @@ class MemoryStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         self._called("commit", uow)
+        if self.failCommits:
+            self.failCommits -= 1
+            raise OSError("told to fail commit")
         self.undo.pop(uow.id, None)
         return succeed(None)
 

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from apicontainer.auth import BearerTokens
 from apicontainer.config import Limits
+from apicontainer.fanout import CommitFailed
 from apicontainer.testing import ContainerHarness, MemoryStash
 
 
@@ -222,6 +223,46 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual((entry.state.value, entry.rollbackFailed), ("queued", ("b",)))
         self.assertEqual(a.bodies(), {})
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_failedCommitIsRetried(self) -> None:
+        """
+        A commit that fails is asked again after a pause; once it commits,
+        the UOW is stored as usual.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", failCommits=2)
+        h = self.build(a, b)
+        received = h.send("PUT", "/items/1", b"x")
+        self.assertNoResult(received)
+        h.clock.advance(0.1)
+        self.assertNoResult(received)
+        h.clock.advance(1.0)
+        self.assertEqual(h.result(received).code, 200)
+        self.assertEqual(b.calls, [("stash", 1), ("commit", 1), ("commit", 1), ("commit", 1)])
+        self.assertEqual(a.calls, [("stash", 1), ("commit", 1)])
+        self.assertEqual(self.spooled(), [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
+    def test_commitThatKeepsFailingIsNever2xx(self) -> None:
+        """
+        A commit that still fails after its retries leaves the UOW unsettled:
+        no 200 (its write may not be durable), no final state, and its spool
+        file stays for recovery, which completes it.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", failCommits=3)
+        h = self.build(a, b)
+        received = h.send("PUT", "/items/1", b"x")
+        h.clock.advance(0.1)
+        h.clock.advance(1.0)
+        response = h.result(received)
+        self.assertEqual((response.code, response.json()["outcome"]), (500, "pending"))
+        self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "received")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 3)
+        self.assertEqual(len(self.flushLoggedErrors(CommitFailed)), 1)
+        again = ContainerHarness(self.dataDir, (a, b))
+        self.assertEqual(again.admin("GET", "/_uow/1").json()["state"], "stored")
+        self.assertEqual(b.calls[-2:], [("stash", 1), ("commit", 1)])
+        self.assertEqual((b.undo, self.spooled()), ({}, []))
 
     def test_requestTimeout(self) -> None:
         """
