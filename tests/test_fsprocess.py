@@ -221,7 +221,7 @@ async def test_errorsComeBackAsVerdicts(tmp_path: Path) -> None:
         await stash.stop()
     (tmp_path / "plain").write_bytes(b"")
     broken = FilesystemProcessStash("files", tmp_path / "plain", reactor)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Not a directory"):
         await broken.start()
     await ended(broken)
 

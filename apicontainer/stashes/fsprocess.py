@@ -173,19 +173,21 @@ def _single(stash: Any, op: str, head: dict[str, Any], body: bytes) -> bytes:
 
 def main(argv: list[str]) -> None:
     from ..blocking import inline
+    from ..durable import makeDirectories
     from .filesystem import FilesystemStash
 
     name, root = argv
     stash = FilesystemStash(name, Path(root), inline)
-    os.makedirs(root, exist_ok=True)
-    lock = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
-    fcntl.flock(lock, fcntl.LOCK_EX)
+
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(1, view) :]
 
     try:
+        makeDirectories(Path(root))
+        lock = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends
         stash._open()
     except Exception:
         write(_refusal(Failure()))
