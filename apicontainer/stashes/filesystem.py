@@ -67,7 +67,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..blocking import Blocking
-from ..config import StashSpec
 from ..groupcommit import GroupCommit, Operation, Outcome
 from ..durable import (
     fsyncDirectory,
@@ -84,6 +83,7 @@ from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 
 if TYPE_CHECKING:
+    from ..config import StashSpec
     from .fsprocess import FilesystemProcessStash
 
 _SAFE = "-_"
