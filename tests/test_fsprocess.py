@@ -7,7 +7,10 @@ spool, and what happens when the child ends.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,13 @@ async def started(root: Path) -> FilesystemProcessStash:
 
 
 def childPid(stash: FilesystemProcessStash) -> int:
-    assert stash._child is not None
-    return stash._child.transport.pid  # type: ignore[union-attr, no-any-return]
+    assert stash._runner is not None and stash._runner._child is not None
+    return stash._runner._child.transport.pid  # type: ignore[union-attr, no-any-return]
 
 
 async def ended(stash: FilesystemProcessStash) -> None:
-    while stash._child is not None:
+    assert stash._runner is not None
+    while stash._runner._child is not None:
         await sleep(0.01)
 
 
@@ -189,20 +193,34 @@ async def test_aCallGivenUpOnKeepsTheOthersInStep(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_oneChildPerRoot(tmp_path: Path) -> None:
     """
-    A second child on the same root (a server restarted while the child of
-    the last one still finishes its batch) waits for the first to end.
+    Two stashes of one server on one root (the old and the new one while a
+    reload hands over) share one child, which ends when the last stops; the
+    child of another server on the root (one restarted while the child of
+    the last still finishes its batch) waits for it to end.
     """
-    first = await started(tmp_path / "files")
-    second = FilesystemProcessStash("files", tmp_path / "files", reactor)
-    starting = second.start()
-    await sleep(1.0)
-    assert not starting.called
+    root = tmp_path / "files"
+    first = await started(root)
+    second = await started(root)
+    assert first._runner is second._runner
+    assert (await first.stash(contractUOW(1, b"one"))).kind is VerdictKind.stored
+    await second.commit(contractUOW(1, b"one"))
     await first.stop()
-    await starting
+    assert (await second.read("/items/1")).body == b"one"  # type: ignore[union-attr]
+    other = subprocess.Popen(
+        [sys.executable, "-m", "apicontainer.stashes.fsprocess", "files", str(root)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
     try:
-        assert (await second.stash(contractUOW(1, b"one"))).kind is VerdictKind.stored
-    finally:
+        await sleep(1.0)
+        assert select.select([other.stdout], [], [], 0)[0] == []
         await second.stop()
+        assert select.select([other.stdout], [], [], 10)[0] != []
+        assert list(frames(bytearray(os.read(other.stdout.fileno(), 4096)))) == [({"ok": True, "none": True}, b"")]  # type: ignore[union-attr]
+    finally:
+        other.stdin.close()  # type: ignore[union-attr]
+        assert other.wait(10) == 0
+    late = await first.stash(contractUOW(2, b"two"))
+    assert (late.status, "not started" in (late.detail or "")) == (503, True)
 
 
 @pytest_twisted.ensureDeferred
@@ -224,6 +242,7 @@ async def test_errorsComeBackAsVerdicts(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="Not a directory"):
         await broken.start()
     await ended(broken)
+    await broken.stop()
 
 
 def test_processOption(tmp_path: Path) -> None:

@@ -162,7 +162,28 @@ def test_reload(server: RunningServer) -> None:
     assert failures == []
     assert server.request("PUT", "/things/1", b"x")[0] == 200
 
+    # A filesystem stash changed in place: the new one takes over the same
+    # root (and its child process) while the old one finishes its UOWs.
     good = server.configPath.read_text()
+    stop.clear()
+    failures.clear()
+    writer = threading.Thread(target=load)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        server.configPath.write_text(good.replace("root: files}", "root: files, timeout_s: 20}"))
+        status, body = fetch(admin + "/_reload", "POST")
+        assert status == 200, body
+        assert json.loads(body)["changed"] == ["files"]
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        writer.join()
+    assert failures == []
+    assert server.request("PUT", "/items/after-change", b"changed")[0] == 200
+    status, _, body = server.request("GET", "/items/after-change")
+    assert (status, body) == (200, b"changed")
+
     server.configPath.write_text(good.replace("type: filesystem", "type: filesytem"))
     status, body = fetch(admin + "/_reload", "POST")
     assert status == 400

@@ -47,6 +47,9 @@ record torn by a crash belongs to a write that never swapped its pointer.
 (An earlier release kept each undo record in a file of its own,
 C{.undo/17.json}; those are still read.) A deleted document holds a
 C{.d<uow>} version, so that an older UOW can never bring it back.
+
+In the server the stash runs in a child process of its own
+(L{apicontainer.stashes.fsprocess}); this class is what runs there.
 """
 
 from __future__ import annotations

@@ -206,15 +206,13 @@ class _Child(ProcessProtocol):
     One child process: its calls under way, answered in the order made.
     """
 
-    def __init__(self, owner: FilesystemProcessStash) -> None:
-        self._owner = owner
+    def __init__(self, runner: _Runner) -> None:
+        self._runner = runner
         self._buffer = bytearray()
         self.pending: deque[Deferred[Any]] = deque()
         self.ended = False
 
     def call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
-        if self.ended:
-            raise OSError(f"the process of filesystem stash {self._owner.name} has ended")
         self.transport.write(frame(head, body))  # type: ignore[union-attr]
         return self.answer()
 
@@ -229,7 +227,7 @@ class _Child(ProcessProtocol):
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd == 2:
             for line in data.decode("utf-8", "replace").splitlines():
-                self._owner.log.warn("filesystem stash {stash}: {line}", stash=self._owner.name, line=line)
+                self._runner.log.warn("filesystem stash {stash}: {line}", stash=self._runner.name, line=line)
             return
         self._buffer += data
         for head, body in frames(self._buffer):
@@ -246,8 +244,8 @@ class _Child(ProcessProtocol):
         self.ended = True
         pending, self.pending = self.pending, deque()
         for answer in pending:
-            answer.errback(OSError(f"the process of filesystem stash {self._owner.name} ended: {reason.value}"))
-        self._owner._ended(self, reason)
+            answer.errback(OSError(f"the process of filesystem stash {self._runner.name} ended: {reason.value}"))
+        self._runner.ended(self, reason)
 
 
 def _result(head: dict[str, Any], body: bytes) -> Any:
@@ -260,11 +258,13 @@ def _result(head: dict[str, Any], body: bytes) -> Any:
     return None
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
-class FilesystemProcessStash:
+class _Runner:
     """
-    A L{FilesystemStash} run by a child process: the server's side. A call
-    made while no child runs starts one first.
+    The child process of one root, shared by every stash of this server on
+    that root (the old and the new one while a reload hands over), so that
+    one in-memory index of its undo records serves them all. It runs while
+    one of them is started: a call with none starts a child if there is
+    none, and the last one to stop ends it.
     """
 
     log = Logger()
@@ -273,16 +273,14 @@ class FilesystemProcessStash:
         self.name = name
         self.root = root
         self._reactor = reactor
+        self.users = 0
         self._child: _Child | None = None
         # While a child starts: who waits for it.
         self._starting: list[Deferred[None]] | None = None
         self._stopped: list[Deferred[None]] = []
         self._kill: Any = None
 
-    def start(self) -> Deferred[None]:
-        return self._ready()
-
-    def _ready(self) -> Deferred[None]:
+    def ready(self) -> Deferred[None]:
         """
         A Deferred that fires once a child runs and has read the stash's
         state back: a new child if there is none.
@@ -321,36 +319,17 @@ class FilesystemProcessStash:
         self._child = child
         return child.answer()  # its first answer: it has opened the stash
 
-    def _call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
+    def call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
         child = self._child
         if child is not None and not child.ended and self._starting is None:
             return child.call(head, body)
 
         def call(_: object) -> Deferred[Any]:
-            if self._child is None:
+            if self._child is None or self._child.ended:
                 raise OSError(f"the process of filesystem stash {self.name} has ended")
             return self._child.call(head, body)
 
-        return self._ready().addCallback(call)
-
-    def _uowCall(self, op: str, uow: UnitOfWork) -> Deferred[Any]:
-        head, body = encodeUOW(uow)
-        return maybeDeferred(self._call, {"op": op, "uow": head}, body)
-
-    def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        return self._uowCall("stash", uow).addErrback(unavailable(self, uow, OSError))
-
-    def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._uowCall("commit", uow)
-
-    def rollback(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._uowCall("rollback", uow)
-
-    def read(self, key: str) -> Deferred[Document | None]:
-        return maybeDeferred(self._call, {"op": "read", "key": key})
-
-    def probe(self) -> Deferred[None]:
-        return maybeDeferred(self._call, {"op": "probe"})
+        return self.ready().addCallback(call)
 
     def stop(self) -> Deferred[None]:
         """
@@ -371,7 +350,7 @@ class FilesystemProcessStash:
         self._kill = self._reactor.callLater(_STOP_SECONDS, kill)
         return stopped
 
-    def _ended(self, child: _Child, reason: Failure) -> None:
+    def ended(self, child: _Child, reason: Failure) -> None:
         if self._child is child:
             self._child = None
         stopped, self._stopped = self._stopped, []
@@ -381,6 +360,66 @@ class FilesystemProcessStash:
             self.log.warn("the process of filesystem stash {stash} ended: {reason}", stash=self.name, reason=reason.value)
         for waiter in stopped:
             waiter.callback(None)
+
+
+# The runner of each root that a stash of this server has started.
+_runners: dict[Path, _Runner] = {}
+
+
+@implementer(IStash, IReader, IStartable, IProbe)
+class FilesystemProcessStash:
+    """
+    A L{FilesystemStash} run by a child process: the server's side.
+    """
+
+    def __init__(self, name: str, root: Path, reactor: Any) -> None:
+        self.name = name
+        self.root = root
+        self._reactor = reactor
+        self._runner: _Runner | None = None
+
+    def start(self) -> Deferred[None]:
+        if self._runner is None:
+            runner = _runners.get(self.root)
+            if runner is None:
+                runner = _runners[self.root] = _Runner(self.name, self.root, self._reactor)
+            runner.users += 1
+            self._runner = runner
+        return self._runner.ready()
+
+    def stop(self) -> Deferred[None]:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return succeed(None)
+        runner.users -= 1
+        if runner.users:
+            return succeed(None)
+        del _runners[self.root]
+        return runner.stop()
+
+    def _call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
+        if self._runner is None:
+            raise OSError(f"filesystem stash {self.name} is not started")
+        return self._runner.call(head, body)
+
+    def _uowCall(self, op: str, uow: UnitOfWork) -> Deferred[Any]:
+        head, body = encodeUOW(uow)
+        return maybeDeferred(self._call, {"op": op, "uow": head}, body)
+
+    def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
+        return self._uowCall("stash", uow).addErrback(unavailable(self, uow, OSError))
+
+    def commit(self, uow: UnitOfWork) -> Deferred[None]:
+        return self._uowCall("commit", uow)
+
+    def rollback(self, uow: UnitOfWork) -> Deferred[None]:
+        return self._uowCall("rollback", uow)
+
+    def read(self, key: str) -> Deferred[Document | None]:
+        return maybeDeferred(self._call, {"op": "read", "key": key})
+
+    def probe(self) -> Deferred[None]:
+        return maybeDeferred(self._call, {"op": "probe"})
 
 
 if __name__ == "__main__":
