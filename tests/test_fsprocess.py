@@ -234,7 +234,7 @@ async def test_errorsComeBackAsVerdicts(tmp_path: Path) -> None:
         (tmp_path / "files" / "items").write_bytes(b"a file where a folder goes")
         verdict = await stash.stash(contractUOW(1, b"one"))
         assert (verdict.kind, verdict.status) == (VerdictKind.failed, 503)
-        assert "Not a directory" in (verdict.detail or "")
+        assert "FilesystemProcessStash: NotADirectoryError: [Errno 20] Not a directory" in (verdict.detail or "")
     finally:
         await stash.stop()
     (tmp_path / "plain").write_bytes(b"")

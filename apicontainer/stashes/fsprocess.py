@@ -30,6 +30,7 @@ its batch.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import os
@@ -118,7 +119,7 @@ def _answer(result: Any) -> bytes:
 
 def _refusal(reason: Failure) -> bytes:
     error = reason.value
-    return frame({"ok": False, "error": str(error) or type(error).__name__, "os": isinstance(error, OSError)})
+    return frame({"ok": False, "error": str(error) or type(error).__name__, "type": type(error).__name__})
 
 
 def serve(stash: Any, read: Callable[[], bytes], write: Callable[[bytes], None]) -> None:
@@ -250,7 +251,11 @@ class _Child(ProcessProtocol):
 
 def _result(head: dict[str, Any], body: bytes) -> Any:
     if not head["ok"]:
-        raise (OSError if head["os"] else RuntimeError)(head["error"])
+        # The child's OSError as its built-in kind (NotADirectoryError, ...).
+        kind = getattr(builtins, head["type"], None)
+        if not (isinstance(kind, type) and issubclass(kind, OSError)):
+            kind = RuntimeError
+        raise kind(head["error"])
     if "verdict" in head:
         return Verdict.fromJSON(head["verdict"])
     if "uow" in head:
