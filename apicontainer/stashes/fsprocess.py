@@ -23,9 +23,12 @@ When the child ends (killed, or out of memory), every call under way fails
 with L{OSError}, which the stash reports as a 503: the UOW is rolled back and
 retried. The next call starts a new child, which reads the stash's undo
 records and rolled-back markers back from disk, as a restarted server does.
-A child holds an exclusive lock on C{ROOT/.lock} for its whole life, so that
-a new child (after the server's own crash) waits for the last one to finish
-its batch.
+The stashes of one server on one root (the old and the new one while a
+reload hands over) share one child, so that one index of the undo records
+serves them all; it ends when the last of them stops. A child holds an
+exclusive lock on C{ROOT/.lock} for its whole life, so that the child of
+another server (one restarted after a crash) waits for the last one to
+finish its batch.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ def frames(buffer: bytearray) -> Iterator[tuple[dict[str, Any], bytes]]:
 
 
 def encodeUOW(uow: UnitOfWork) -> tuple[dict[str, Any], bytes]:
+    """
+    What the stash needs of C{uow}, as a frame's head and body.
+    """
     head: dict[str, Any] = {
         "id": uow.id,
         "method": uow.method,
