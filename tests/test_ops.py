@@ -123,15 +123,13 @@ RELOADED = DEFAULT.replace(
 )
 
 
-@pytest.mark.integration
-def test_reload(server: RunningServer) -> None:
+def reloadUnderLoad(server: RunningServer, config: str) -> dict[str, list[str]]:
     """
-    POST /_reload switches to the edited file between UOWs, without a
-    failed request under load; a wrong file is refused with its reason and
-    the running configuration stays; SIGHUP reloads too.
+    Write C{config} and POST /_reload while a client writes without pause;
+    check that the reload and every write succeeded.
+
+    @return: The stash names by what the reload did to them.
     """
-    admin = f"http://127.0.0.1:{server.adminPort}"
-    assert server.request("PUT", "/things/1", b"x")[0] == 404
     failures: list[object] = []
     stop = threading.Event()
 
@@ -151,35 +149,35 @@ def test_reload(server: RunningServer) -> None:
     writer.start()
     try:
         time.sleep(0.3)
-        server.configPath.write_text(RELOADED.format(port=server.port, admin=server.adminPort, data=server.dataDir))
-        status, body = fetch(admin + "/_reload", "POST")
+        server.configPath.write_text(config)
+        status, body = fetch(f"http://127.0.0.1:{server.adminPort}/_reload", "POST")
         assert status == 200, body
-        assert json.loads(body)["kept"] == ["records", "files"]
         time.sleep(0.3)
     finally:
         stop.set()
         writer.join()
     assert failures == []
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+@pytest.mark.integration
+def test_reload(server: RunningServer) -> None:
+    """
+    POST /_reload switches to the edited file between UOWs, without a
+    failed request under load; a wrong file is refused with its reason and
+    the running configuration stays; SIGHUP reloads too.
+    """
+    admin = f"http://127.0.0.1:{server.adminPort}"
+    assert server.request("PUT", "/things/1", b"x")[0] == 404
+    changes = reloadUnderLoad(server, RELOADED.format(port=server.port, admin=server.adminPort, data=server.dataDir))
+    assert changes["kept"] == ["records", "files"]
     assert server.request("PUT", "/things/1", b"x")[0] == 200
 
     # A filesystem stash changed in place: the new one takes over the same
     # root (and its child process) while the old one finishes its UOWs.
     good = server.configPath.read_text()
-    stop.clear()
-    failures.clear()
-    writer = threading.Thread(target=load)
-    writer.start()
-    try:
-        time.sleep(0.3)
-        server.configPath.write_text(good.replace("root: files}", "root: files, timeout_s: 20}"))
-        status, body = fetch(admin + "/_reload", "POST")
-        assert status == 200, body
-        assert json.loads(body)["changed"] == ["files"]
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        writer.join()
-    assert failures == []
+    changes = reloadUnderLoad(server, good.replace("root: files}", "root: files, timeout_s: 20}"))
+    assert changes["changed"] == ["files"]
     assert server.request("PUT", "/items/after-change", b"changed")[0] == 200
     status, _, body = server.request("GET", "/items/after-change")
     assert (status, body) == (200, b"changed")
