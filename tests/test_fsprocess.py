@@ -18,19 +18,14 @@ import pytest
 from attrs import evolve
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.task import deferLater
 
 from apicontainer.config import ConfigError, StashSpec
 from apicontainer.stashes.filesystem import FilesystemStash
 from apicontainer.stashes.fsprocess import FilesystemProcessStash, decodeUOW, encodeUOW, frame, frames
 from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
 from apicontainer.uow import SpooledBody, VerdictKind
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    done: Deferred[None] = Deferred()
-    reactor.callLater(seconds, done.callback, None)  # type: ignore[attr-defined]
-    return done
 
 
 async def started(root: Path) -> FilesystemProcessStash:
@@ -47,7 +42,7 @@ def childPid(stash: FilesystemProcessStash) -> int:
 async def ended(stash: FilesystemProcessStash) -> None:
     assert stash._runner is not None
     while stash._runner._child is not None:
-        await sleep(0.01)
+        await deferLater(reactor, 0.01)
 
 
 @pytest.mark.parametrize("check", list(CONTRACT.values()), ids=list(CONTRACT))
@@ -133,17 +128,13 @@ async def test_manyCallsInFlight(tmp_path: Path) -> None:
     stash = await started(tmp_path / "files")
     try:
         uows = [contractUOW(n, b"body %d" % n, key=f"/items/{n}") for n in range(1, 81)]
-        verdicts = await gather([stash.stash(uow) for uow in uows])
+        verdicts = await gatherResults([stash.stash(uow) for uow in uows])
         assert [v.kind for v in verdicts] == [VerdictKind.stored] * 80
-        await gather([stash.commit(uow) for uow in uows])
-        documents = await gather([stash.read(f"/items/{n}") for n in range(1, 81)])
+        await gatherResults([stash.commit(uow) for uow in uows])
+        documents = await gatherResults([stash.read(f"/items/{n}") for n in range(1, 81)])
         assert [(d.body, d.uow) for d in documents] == [(b"body %d" % n, n) for n in range(1, 81)]
     finally:
         await stash.stop()
-
-
-async def gather(calls: list[Deferred[Any]]) -> list[Any]:
-    return [await call for call in calls]
 
 
 @pytest_twisted.ensureDeferred
@@ -211,7 +202,7 @@ async def test_oneChildPerRoot(tmp_path: Path) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     try:
-        await sleep(1.0)
+        await deferLater(reactor, 1.0)
         assert select.select([other.stdout], [], [], 0)[0] == []
         await second.stop()
         assert select.select([other.stdout], [], [], 10)[0] != []

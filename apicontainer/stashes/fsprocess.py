@@ -43,7 +43,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -410,12 +410,12 @@ class FilesystemProcessStash:
 
     def _call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
         if self._runner is None:
-            raise OSError(f"filesystem stash {self.name} is not started")
+            return fail(OSError(f"filesystem stash {self.name} is not started"))
         return self._runner.call(head, body)
 
     def _uowCall(self, op: str, uow: UnitOfWork) -> Deferred[Any]:
         head, body = encodeUOW(uow)
-        return maybeDeferred(self._call, {"op": op, "uow": head}, body)
+        return self._call({"op": op, "uow": head}, body)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         return self._uowCall("stash", uow).addErrback(unavailable(self, uow, OSError))
@@ -427,10 +427,10 @@ class FilesystemProcessStash:
         return self._uowCall("rollback", uow)
 
     def read(self, key: str) -> Deferred[Document | None]:
-        return maybeDeferred(self._call, {"op": "read", "key": key})
+        return self._call({"op": "read", "key": key})
 
     def probe(self) -> Deferred[None]:
-        return maybeDeferred(self._call, {"op": "probe"})
+        return self._call({"op": "probe"})
 
 
 if __name__ == "__main__":
