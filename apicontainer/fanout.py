@@ -261,18 +261,41 @@ class Fanout:
         the spool file. A crash in between leaves them for recovery, which
         sees the final state and only cleans up.
         """
-        await self._states.record(StateRecord.of(state, report, uow.route, self._clock.seconds(), uow))
-        self._idempotency.release(uow)
-        if self._failQueue.get(uow.id) is not None:
+        record = StateRecord.of(state, report, uow.route, self._clock.seconds(), uow)
+        if self._failQueue.get(uow.id) is None:
+            # The common case: the spool file goes in the state store's
+            # thread-pool hop, right after the record is durable.
+            removal = await self._states.record(record, then=lambda: self._removeSpool(uow.id))
+            self._idempotency.release(uow)
+        else:
+            await self._states.record(record)
+            self._idempotency.release(uow)
             await self._failQueue.drop(uow.id)
-        reach("before-spool-delete")
-        try:
-            await self._spool.delete(uow.id)
-        except Exception:
+            reach("before-spool-delete")
+            removal = None
+            try:
+                await self._spool.delete(uow.id)
+            except Exception as e:
+                removal = e
+        if removal is not None:
             # Settled all the same; recovery finds the final state and cleans up.
-            self.log.failure("spool file of UOW {uow} could not be deleted", uow=uow.id)
+            self.log.failure("spool file of UOW {uow} could not be deleted", Failure(removal), uow=uow.id)
         self._logReport(uow, report, state.value)
         self._records.finish(uow, UOWState(state.value), report)
+
+    def _removeSpool(self, uowId: int) -> Exception | None:
+        """
+        Remove the spool file of UOW C{uowId} (blocking).
+
+        @return: The error, if it could not be removed (not raised: the
+            record it follows is durable all the same).
+        """
+        reach("before-spool-delete")
+        try:
+            self._spool.remove(uowId)
+        except Exception as e:
+            return e
+        return None
 
     async def _commit(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> None:
         """

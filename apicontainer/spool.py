@@ -317,9 +317,12 @@ class Spool:
 
         @return: A Deferred that fires with whether there was a file.
         """
-        return self._deletions.submit(self._remove, uowId)
+        return self._deletions.submit(self.remove, uowId)
 
-    def _remove(self, uowId: int) -> bool:
+    def remove(self, uowId: int) -> bool:
+        """
+        L{delete}'s blocking call, for a caller already in a thread.
+        """
         path = self.path(uowId)
         if self.sparesDirectory is None or len(self._spares) >= SPARES:
             return removeFile(path)

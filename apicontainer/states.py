@@ -19,14 +19,17 @@ import json
 import sqlite3
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from .blocking import Blocking
 from .uow import Report, UnitOfWork
 from .groupcommit import GroupCommit, Operation, Outcome, each
+
+T = TypeVar("T")
 
 
 class FinalState(str, Enum):
@@ -169,13 +172,18 @@ class StateStore:
             raise sqlite3.OperationalError("the state store is not open")
         return self._connection
 
-    def record(self, record: StateRecord) -> Deferred[None]:
+    def record(self, record: StateRecord, then: Callable[[], T] | None = None) -> Deferred[T | None]:
         """
         Write C{record} durably, in the next batch.
 
-        @return: A Deferred that fires once the batch holding it is committed.
+        @param then: A blocking call to make once the record is durable, in
+            the same thread-pool hop (the removal of the UOW's spool file):
+            it saves the hop a call of its own would take.
+        @return: A Deferred that fires once the batch holding it is
+            committed, with what C{then} returned; it fails with the
+            record's error, or with C{then}'s (the record is durable then).
         """
-        return self._group.submit(self._insert, record)
+        return self._group.submit(self._insert, record, then)
 
     def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         db = self._db()
@@ -186,9 +194,16 @@ class StateStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        # Now that the records are durable, what follows each of them.
+        for index, (_, (_, then)) in enumerate(operations):
+            if then is not None and outcomes[index][0]:
+                try:
+                    outcomes[index] = (True, then())
+                except Exception:
+                    outcomes[index] = (False, Failure())
         return outcomes
 
-    def _insert(self, db: sqlite3.Connection, r: StateRecord) -> None:
+    def _insert(self, db: sqlite3.Connection, r: StateRecord, then: object = None) -> None:
         db.execute(
             f"INSERT OR REPLACE INTO uows ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (

@@ -62,6 +62,24 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual(self.spooled(), [])
         self.assertEqual(h.container.failQueue.list(), [])
 
+    def test_spoolRemovalFails(self) -> None:
+        """
+        A spool file that cannot be removed is logged, and the UOW is
+        stored and answered all the same: its final state is durable, and
+        recovery removes the file at the next start.
+        """
+        h = self.build(MemoryStash("a"))
+
+        def remove(uowId: int) -> bool:
+            raise PermissionError("read-only spool")
+
+        h.container.spool.remove = remove  # type: ignore[method-assign]
+        response = h.request("PUT", "/items/1", b"x")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
+        self.assertEqual(self.spooled(), [h.container.spool.path(1).name])
+        self.assertEqual(self.successResultOf(h.container.states.get(1)).state.value, "stored")
+
     def test_commitsRunTogether(self) -> None:
         """
         Every stash is told to commit at once: a slow commit in one does not

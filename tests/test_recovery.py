@@ -428,6 +428,36 @@ class StateStoreTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(store.lastStored("/k")), 4)
 
 
+    def test_thenRunsOnceDurable(self) -> None:
+        """
+        A record's C{then} runs once the record is committed (another
+        connection sees it), and the record's Deferred fires with what it
+        returned; if C{then} raises, the Deferred fails with its error, and
+        the record stays.
+        """
+        import sqlite3
+
+        path = Path(self.mktemp())
+        store = StateStore(path, inline)
+        store.open()
+        seen: list[int] = []
+
+        def then() -> str:
+            other = sqlite3.connect(path)
+            seen.append(other.execute("SELECT count(*) FROM uows").fetchone()[0])
+            other.close()
+            return "removed"
+
+        def broken() -> None:
+            raise OSError("no such file")
+
+        record = lambda n: StateRecord(n, "/k", "/k", FinalState.stored, 200, None, None, None, 0.0)  # noqa: E731
+        self.assertEqual(self.successResultOf(store.record(record(1), then=then)), "removed")
+        self.assertEqual(seen, [1])
+        self.failureResultOf(store.record(record(2), then=broken), OSError)
+        self.assertEqual(self.successResultOf(store.lastStored("/k")), 2)
+
+
 class ShutdownTests(HarnessTestCase):
     """
     On stop, UOWs under way get limits.shutdown_grace_s to finish; the rest
