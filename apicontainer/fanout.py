@@ -4,6 +4,7 @@ The fanout: sends each UOW to its stashes and settles the outcome.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping, Sequence
 
 from attrs import frozen
@@ -262,17 +263,15 @@ class Fanout:
         sees the final state and only cleans up.
         """
         record = StateRecord.of(state, report, uow.route, self._clock.seconds(), uow)
-        if self._failQueue.get(uow.id) is None:
-            # The common case: the spool file goes in the state store's
-            # thread-pool hop, right after the record is durable.
-            removal = await self._states.record(record, then=lambda: self._removeSpool(uow.id))
-            self._idempotency.release(uow)
-        else:
-            await self._states.record(record)
-            self._idempotency.release(uow)
+        entry = self._failQueue.get(uow.id)
+        # Without a fail queue entry to drop first (the common case), the
+        # spool file goes in the state store's hop, right after the record.
+        then = partial(self._removeSpool, uow.id) if entry is None else None
+        removal = await self._states.record(record, then=then)
+        self._idempotency.release(uow)
+        if entry is not None:
             await self._failQueue.drop(uow.id)
             reach("before-spool-delete")
-            removal = None
             try:
                 await self._spool.delete(uow.id)
             except Exception as e:

@@ -203,7 +203,8 @@ class StateStore:
                     outcomes[index] = (False, Failure())
         return outcomes
 
-    def _insert(self, db: sqlite3.Connection, r: StateRecord, then: object = None) -> None:
+    def _insert(self, db: sqlite3.Connection, r: StateRecord, then: object) -> None:
+        # C{then} rides along for _runBatch, which calls it after the commit.
         db.execute(
             f"INSERT OR REPLACE INTO uows ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (

@@ -427,7 +427,6 @@ class StateStoreTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.assertEqual(self.successResultOf(store.lastStored("/k")), 4)
 
-
     def test_thenRunsOnceDurable(self) -> None:
         """
         A record's C{then} runs once the record is committed (another
