@@ -43,3 +43,24 @@ def test_quickRun() -> None:
     for rate, ratio, p99, p99Ratio, cpu in (floor[3:8], floor[8:13]):
         assert rate > 0 and p99 > 0 and cpu > 0
         assert ratio == pytest.approx(rate / floor[0], abs=0.01)
+
+
+def test_headlineSummary() -> None:
+    """
+    `--headline N` runs the c=32, 1 KiB, 2-stash case N times, and its
+    summary counts the runs that meet each target against their own
+    baseline.
+    """
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from bench.run import HEADLINE, cases, headlineSummary
+
+    assert cases(False, 3) == [HEADLINE] * 3
+    runs = [
+        {"baseline_rps": 7000.0, "baseline_p99": 25.0, "rps_ratio": 0.07, "p99_ratio": 3.9},
+        {"baseline_rps": 6000.0, "baseline_p99": 30.0, "rps_ratio": 0.5, "p99_ratio": 4.2},
+    ]
+    summary = headlineSummary(runs)
+    assert "| 1 | 7000 | 25.00 | 0.07 | 3.90 |" in summary
+    assert summary.endswith(
+        "throughput >= 0.5x the baseline in 1 of 2 runs; p99 <= 4x the baseline's in 1 of 2 runs"
+    )
