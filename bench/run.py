@@ -244,8 +244,7 @@ def cases(quick: bool, headline: int | None = None) -> list[tuple[int, int, int,
         return [(16, 1024, 2, False)]
     if headline:
         return [HEADLINE] * headline
-    base = HEADLINE
-    chosen = [base]
+    chosen = [HEADLINE]
     chosen += [(c, 1024, 2, False) for c in (1, 16, 64)]
     chosen += [(16, b, 2, False) for b in (65536, 1048576)]
     chosen += [(c, 1048576, 2, False) for c in (1, 64)]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.run import HEADLINE, cases, headlineSummary
+
 pytestmark = pytest.mark.integration
 
 
@@ -51,9 +53,6 @@ def test_headlineSummary() -> None:
     summary counts the runs that meet each target against their own
     baseline.
     """
-    sys.path.insert(0, str(Path(__file__).parent.parent))
-    from bench.run import HEADLINE, cases, headlineSummary
-
     assert cases(False, 3) == [HEADLINE] * 3
     runs = [
         {"baseline_rps": 7000.0, "baseline_p99": 25.0, "rps_ratio": 0.07, "p99_ratio": 3.9},
