@@ -95,7 +95,9 @@ class Container:
     ) -> None:
         """
         @param blocking: Runs short blocking calls (file I/O).
-        @param serial: Runs the state store's calls, one at a time; by
+        @param serial: Runs the spool's and the state store's calls, one at
+            a time, on one thread: the two take turns there rather than
+            contend for the GIL from two (measured: BENCHMARKS.md). By
             default C{blocking}, which must then be serial too.
         @param uniform: The random source of retry jitter.
         """
@@ -103,7 +105,7 @@ class Container:
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
-        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", blocking, dataDir / "spares")
+        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", serial or blocking, dataDir / "spares")
         self.ids = UOWIds(dataDir / "uow-ids", blocking)
         self.failQueue = FileFailQueue(
             dataDir / "failed", blocking, clock, config.retry, uniform
