@@ -6,7 +6,6 @@ total and per peer.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -14,12 +13,14 @@ from twisted.internet.protocol import Protocol
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from .compactjson import compact
+
 
 def rawResponse(status: int, reason: str, body: dict[str, Any], extra: str = "") -> bytes:
     """
     A complete HTTP/1.1 response that closes the connection.
     """
-    payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    payload = compact(body).encode() + b"\n"
     return (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n{extra}\r\n"

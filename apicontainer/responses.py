@@ -4,10 +4,11 @@ JSON responses, the only kind the server sends.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.web.iweb import IRequest
+
+from .compactjson import compact
 
 
 def jsonResponse(request: IRequest, status: int, body: Any, **headers: str) -> bytes:
@@ -18,7 +19,7 @@ def jsonResponse(request: IRequest, status: int, body: Any, **headers: str) -> b
     request.setHeader(b"content-type", b"application/json")
     for name, value in headers.items():
         request.setHeader(name.replace("_", "-").encode("ascii"), value.encode("latin-1"))
-    return json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8") + b"\n"
+    return compact(body).encode("utf-8") + b"\n"
 
 
 def errorResponse(request: IRequest, status: int, error: str, message: str, **headers: str) -> bytes:

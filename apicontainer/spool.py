@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .blocking import Blocking
+from .compactjson import compact
 from .groupcommit import GroupCommit, Operation, Outcome, runEach
 from .durable import (
     fsyncDirectory,
@@ -88,7 +89,7 @@ class CorruptSpoolFile(Exception):
 
 
 def _head(uow: UnitOfWork) -> bytes:
-    metadata = json.dumps(
+    metadata = compact(
         {
             "uow": uow.id,
             "method": uow.method,
@@ -97,8 +98,7 @@ def _head(uow: UnitOfWork) -> bytes:
             "content_type": uow.contentType,
             "received_at": uow.receivedAt,
             "idempotency_key": uow.idempotencyKey,
-        },
-        separators=(",", ":"),
+        }
     ).encode("utf-8")
     return MAGIC + _LENGTHS.pack(len(metadata), uow.bodyLength) + metadata
 

@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..compactjson import compact
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, SpooledBody, UnitOfWork, Verdict
 from . import unavailable
@@ -60,7 +61,7 @@ def frame(head: dict[str, Any], body: bytes = b"") -> bytes:
     """
     One call or answer, framed.
     """
-    encoded = json.dumps(head, separators=(",", ":")).encode("utf-8")
+    encoded = compact(head).encode("utf-8")
     return _SIZES.pack(4 + len(encoded) + len(body), len(encoded)) + encoded + body
 
 
