@@ -374,7 +374,11 @@ class Fanout:
         if self._metrics is not None:
             self._metrics.of(self._metrics.uows, uow.route, state).inc()
         if state in ("stored", "superseded"):
-            emit = self.log.info
+            # The access log already has a line for each request: a first
+            # attempt that ends well gets its own at debug level (twist
+            # --log-level debug), which saves the reactor a JSON log event
+            # per request. A retry or a re-drive that ends well is news.
+            emit = self.log.info if uow.isRetry else self.log.debug
         elif state in ("parked", "stuck"):
             emit = self.log.error
         else:
