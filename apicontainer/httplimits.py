@@ -104,6 +104,14 @@ class LimitedChannel(HTTPChannel):
     bodyTimeout = 60.0
     _deadline: IDelayedCall | None = None
     _inRequest = False
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # A connection's local address does not change: one getsockname()
+        # per connection rather than one per request.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         if not self._inRequest and data.strip(b"\r\n"):

@@ -203,3 +203,29 @@ def test_fullDiskAnswers503AndRecovers(tmp_path: Path) -> None:
             server.kill()
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_localAddressOncePerConnection() -> None:
+    """
+    A connection's local address is asked of its socket once, not once per
+    request: each ask is a system call on the reactor thread.
+    """
+    from twisted.internet.testing import StringTransport
+
+    from apicontainer.httplimits import LimitedChannel
+
+    transport = StringTransport()
+    asked = []
+    local = transport.getHost
+
+    def getHost() -> object:
+        asked.append(1)
+        return local()
+
+    transport.getHost = getHost  # type: ignore[method-assign]
+    channel = LimitedChannel()
+    channel.makeConnection(transport)
+    first, second = channel.getHost(), channel.getHost()
+    assert first is second
+    assert first == local()
+    assert len(asked) == 1
