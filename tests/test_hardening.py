@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet.testing import StringTransport
+
+from apicontainer.httplimits import LimitedChannel
 
 from .conftest import DEFAULT, RunningServer
 
@@ -210,10 +213,6 @@ def test_localAddressOncePerConnection() -> None:
     A connection's local address is asked of its socket once, not once per
     request: each ask is a system call on the reactor thread.
     """
-    from twisted.internet.testing import StringTransport
-
-    from apicontainer.httplimits import LimitedChannel
-
     transport = StringTransport()
     asked = []
     local = transport.getHost

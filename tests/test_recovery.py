@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from apicontainer.blocking import inline
@@ -42,6 +43,31 @@ class RetryTests(HarnessTestCase):
     """
     The fail queue drains by itself once the destination is back.
     """
+
+    def test_outcomeLogLevels(self) -> None:
+        """
+        A UOW queued for a retry is logged as a warning with its report; its
+        retry that ends stored at info; a first attempt that ends stored only
+        at debug, since the access log has a line for it already.
+        """
+        b = MemoryStash("b", failWith=503)
+        h = self.build(MemoryStash("a"), b)
+        with capturedLogs() as events:
+            self.assertEqual(h.request("PUT", "/items/1", b"x").code, 503)
+            b.failWith = None
+            h.clock.advance(1)
+            first = h.request("PUT", "/items/2", b"y")
+        self.assertEqual(first.code, 200)
+        outcomes = [e for e in events if e.get("log_format", "").startswith("UOW {uow}")]
+        self.assertEqual(
+            [(e["uow"], e["state"], e["log_level"]) for e in outcomes],
+            [
+                (1, "queued", LogLevel.warn),
+                (1, "stored", LogLevel.info),
+                (first.json()["uow"], "stored", LogLevel.debug),
+            ],
+        )
+        self.assertEqual(outcomes[0]["report"]["stashes"]["b"]["status"], 503)
 
     def test_scheduleAndDrain(self) -> None:
         """
