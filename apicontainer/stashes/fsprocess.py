@@ -8,13 +8,9 @@ it was busy as one batch (group commit: one C{syncfs} for them all), with no
 thread beside it: its system calls wait for no other thread to give up
 Python's GIL, and none of its work is done by the server's process.
 
-They talk over the child's standard input and output, a frame per call and
-per answer, in the order of the calls::
-
-    length      4 bytes   big-endian uint32: what follows
-    head size   4 bytes   big-endian uint32
-    head        n bytes   UTF-8 JSON: the call (or the answer)
-    body        the rest  a UOW's body (or a document's), when inline
+Calls and answers go over the child's standard input and output, framed as
+L{apicontainer.childprocess} says: a frame's body is a UOW's body (or a
+document's), when inline.
 
 A body too large to hold (a L{SpooledBody}) is not copied: the child reads it
 from the spool file, as a stash in the server does.
@@ -33,50 +29,20 @@ finish its batch.
 
 from __future__ import annotations
 
-import builtins
 import fcntl
-import json
 import os
-import struct
 import sys
-from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..compactjson import compact
+from ..childprocess import Answer, ChildRunner, frame, frames, readIn, refusal, refused, writeOut
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, SpooledBody, UnitOfWork, Verdict
 from . import unavailable
-
-_SIZES = struct.Struct(">II")
-
-
-def frame(head: dict[str, Any], body: bytes = b"") -> bytes:
-    """
-    One call or answer, framed.
-    """
-    encoded = compact(head).encode("utf-8")
-    return _SIZES.pack(4 + len(encoded) + len(body), len(encoded)) + encoded + body
-
-
-def frames(buffer: bytearray) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """
-    Take every whole frame off the front of C{buffer}, as (head, body).
-    """
-    while len(buffer) >= 8:
-        length, headSize = _SIZES.unpack_from(buffer)
-        if len(buffer) < 4 + length:
-            return
-        head = json.loads(bytes(buffer[8 : 8 + headSize]))
-        body = bytes(buffer[8 + headSize : 4 + length])
-        del buffer[: 4 + length]
-        yield head, body
 
 
 def encodeUOW(uow: UnitOfWork) -> tuple[dict[str, Any], bytes]:
@@ -124,11 +90,6 @@ def _answer(result: Any) -> bytes:
     return frame({"ok": True, "none": result is None})
 
 
-def _refusal(reason: Failure) -> bytes:
-    error = reason.value
-    return frame({"ok": False, "error": str(error) or type(error).__name__, "type": type(error).__name__})
-
-
 def serve(stash: Any, read: Callable[[], bytes], write: Callable[[bytes], None]) -> None:
     """
     Answer calls for C{stash} (a L{FilesystemStash}, opened) until C{read}
@@ -164,8 +125,8 @@ def _run(stash: Any, operations: list[Any]) -> list[bytes]:
     try:
         outcomes = stash._runBatch(operations)
     except Exception:
-        return [_refusal(Failure())] * len(operations)
-    return [_answer(value) if ok else _refusal(value) for ok, value in outcomes]
+        return [refusal(Failure())] * len(operations)
+    return [_answer(value) if ok else refusal(value) for ok, value in outcomes]
 
 
 def _single(stash: Any, op: str, head: dict[str, Any], body: bytes) -> bytes:
@@ -176,7 +137,7 @@ def _single(stash: Any, op: str, head: dict[str, Any], body: bytes) -> bytes:
             return _answer(stash._check())
         raise ValueError(f"unknown call {op!r}")
     except Exception:
-        return _refusal(Failure())
+        return refusal(Failure())
 
 
 def main(argv: list[str]) -> None:
@@ -187,82 +148,26 @@ def main(argv: list[str]) -> None:
     name, root = argv
     stash = FilesystemStash(name, Path(root), inline)
 
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(1, view) :]
-
     try:
         makeDirectories(Path(root))
         lock = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends
         stash._open()
     except Exception:
-        write(_refusal(Failure()))
+        writeOut(refusal(Failure()))
         return
-    write(frame({"ok": True, "none": True}))
-    serve(stash, lambda: os.read(0, 1 << 20), write)
+    writeOut(frame({"ok": True, "none": True}))
+    serve(stash, readIn, writeOut)
 
 
 # The server's side.
 
-_STOP_SECONDS = 10.0
 
-
-class _Child(ProcessProtocol):
-    """
-    One child process: its calls under way, answered in the order made.
-    """
-
-    def __init__(self, runner: _Runner) -> None:
-        self._runner = runner
-        self._buffer = bytearray()
-        self.pending: deque[Deferred[Any]] = deque()
-        self.ended = False
-
-    def call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
-        self.transport.write(frame(head, body))  # type: ignore[union-attr]
-        return self.answer()
-
-    def answer(self) -> Deferred[Any]:
-        """
-        The next answer: L{_result} of it.
-        """
-        answer: Deferred[Any] = Deferred()
-        self.pending.append(answer)
-        return answer
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd == 2:
-            for line in data.decode("utf-8", "replace").splitlines():
-                self._runner.log.warn("filesystem stash {stash}: {line}", stash=self._runner.name, line=line)
-            return
-        self._buffer += data
-        for head, body in frames(self._buffer):
-            # One given up on (cancelled by a timeout) ignores its answer.
-            answer = self.pending.popleft()
-            try:
-                result = _result(head, body)
-            except Exception:
-                answer.errback()
-            else:
-                answer.callback(result)
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended = True
-        pending, self.pending = self.pending, deque()
-        for answer in pending:
-            answer.errback(OSError(f"the process of filesystem stash {self._runner.name} ended: {reason.value}"))
-        self._runner.ended(self, reason)
-
-
-def _result(head: dict[str, Any], body: bytes) -> Any:
-    if not head["ok"]:
-        # The child's OSError as its built-in kind (NotADirectoryError, ...).
-        kind = getattr(builtins, head["type"], None)
-        if not (isinstance(kind, type) and issubclass(kind, OSError)):
-            kind = RuntimeError
-        raise kind(head["error"])
+def _result(answer: Answer) -> Any:
+    head, body = answer
+    error = refused(head)
+    if error is not None:
+        raise error
     if "verdict" in head:
         return Verdict.fromJSON(head["verdict"])
     if "uow" in head:
@@ -270,112 +175,11 @@ def _result(head: dict[str, Any], body: bytes) -> Any:
     return None
 
 
-class _Runner:
-    """
-    The child process of one root, shared by every stash of this server on
-    that root (the old and the new one while a reload hands over), so that
-    one in-memory index of its undo records serves them all. It runs while
-    one of them is started: a call with none starts a child if there is
-    none, and the last one to stop ends it.
-    """
-
-    log = Logger()
-
-    def __init__(self, name: str, root: Path, reactor: Any) -> None:
-        self.name = name
-        self.root = root
-        self._reactor = reactor
-        self.users = 0
-        self._child: _Child | None = None
-        # While a child starts: who waits for it.
-        self._starting: list[Deferred[None]] | None = None
-        self._stopped: list[Deferred[None]] = []
-        self._kill: Any = None
-
-    def ready(self) -> Deferred[None]:
-        """
-        A Deferred that fires once a child runs and has read the stash's
-        state back: a new child if there is none.
-        """
-        if self._starting is None:
-            if self._child is not None and not self._child.ended:
-                return succeed(None)
-            waiters: list[Deferred[None]] = []
-            self._starting = waiters
-
-            def started(result: object) -> None:
-                self._starting = None
-                for waiter in waiters:
-                    if isinstance(result, Failure):
-                        waiter.errback(result)
-                    else:
-                        waiter.callback(None)
-
-            self._spawn().addBoth(started)
-        waiter: Deferred[None] = Deferred()
-        self._starting.append(waiter)  # type: ignore[union-attr]
-        return waiter
-
-    def _spawn(self) -> Deferred[None]:
-        child = _Child(self)
-        try:
-            self._reactor.spawnProcess(
-                child,
-                sys.executable,
-                [sys.executable, "-m", "apicontainer.stashes.fsprocess", self.name, str(self.root)],
-                env=os.environ,
-                childFDs={0: "w", 1: "r", 2: "r"},
-            )
-        except OSError:
-            return fail()
-        self._child = child
-        return child.answer()  # its first answer: it has opened the stash
-
-    def call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
-        child = self._child
-        if child is not None and not child.ended and self._starting is None:
-            return child.call(head, body)
-
-        def call(_: object) -> Deferred[Any]:
-            if self._child is None or self._child.ended:
-                raise OSError(f"the process of filesystem stash {self.name} has ended")
-            return self._child.call(head, body)
-
-        return self.ready().addCallback(call)
-
-    def stop(self) -> Deferred[None]:
-        """
-        Let the child finish the calls it has, and end: it ends when its
-        input does. One that has not ended after L{_STOP_SECONDS} is killed.
-        """
-        child = self._child
-        if child is None or child.ended:
-            return succeed(None)
-        stopped: Deferred[None] = Deferred()
-        self._stopped.append(stopped)
-        child.transport.closeStdin()  # type: ignore[union-attr]
-
-        def kill() -> None:
-            if not child.ended:
-                child.transport.signalProcess("KILL")  # type: ignore[union-attr]
-
-        self._kill = self._reactor.callLater(_STOP_SECONDS, kill)
-        return stopped
-
-    def ended(self, child: _Child, reason: Failure) -> None:
-        if self._child is child:
-            self._child = None
-        stopped, self._stopped = self._stopped, []
-        if self._kill is not None and self._kill.active():
-            self._kill.cancel()
-        if not stopped:
-            self.log.warn("the process of filesystem stash {stash} ended: {reason}", stash=self.name, reason=reason.value)
-        for waiter in stopped:
-            waiter.callback(None)
-
-
-# The runner of each root that a stash of this server has started.
-_runners: dict[Path, _Runner] = {}
+# The child of each root that a stash of this server has started, shared by
+# every stash of this server on that root (the old and the new one while a
+# reload hands over), so that one in-memory index of its undo records serves
+# them all: the last of them to stop ends it.
+_runners: dict[Path, ChildRunner] = {}
 
 
 @implementer(IStash, IReader, IStartable, IProbe)
@@ -388,13 +192,18 @@ class FilesystemProcessStash:
         self.name = name
         self.root = root
         self._reactor = reactor
-        self._runner: _Runner | None = None
+        self._runner: ChildRunner | None = None
 
     def start(self) -> Deferred[None]:
         if self._runner is None:
             runner = _runners.get(self.root)
             if runner is None:
-                runner = _runners[self.root] = _Runner(self.name, self.root, self._reactor)
+                runner = _runners[self.root] = ChildRunner(
+                    f"filesystem stash {self.name}",
+                    "apicontainer.stashes.fsprocess",
+                    [self.name, str(self.root)],
+                    self._reactor,
+                )
             runner.users += 1
             self._runner = runner
         return self._runner.ready()
@@ -412,7 +221,7 @@ class FilesystemProcessStash:
     def _call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Any]:
         if self._runner is None:
             return fail(OSError(f"filesystem stash {self.name} is not started"))
-        return self._runner.call(head, body)
+        return self._runner.call(head, body).addCallback(_result)
 
     def _uowCall(self, op: str, uow: UnitOfWork) -> Deferred[Any]:
         head, body = encodeUOW(uow)
