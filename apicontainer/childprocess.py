@@ -28,9 +28,11 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import signal
 import struct
 import sys
 from collections import deque
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -38,7 +40,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import crashpoints
 from .compactjson import compact
+from .uow import SpooledBody, UnitOfWork
 
 _SIZES = struct.Struct(">II")
 
@@ -88,6 +92,61 @@ def refused(head: dict[str, Any], kinds: Mapping[str, type[Exception]] = {}) -> 
         builtin = getattr(builtins, head["type"], None)
         kind = builtin if isinstance(builtin, type) and issubclass(builtin, OSError) else RuntimeError
     return kind(head["error"])
+
+
+def encodeUOW(uow: UnitOfWork) -> tuple[dict[str, Any], bytes]:
+    """
+    C{uow} as a frame's head and body. A body too large to hold that lies
+    in a file (its spool file) is not copied: the frame says where it lies.
+    """
+    head: dict[str, Any] = {
+        "id": uow.id,
+        "method": uow.method,
+        "key": uow.key,
+        "route": uow.route,
+        "type": uow.contentType,
+        "at": uow.receivedAt,
+        "attempt": uow.attempt,
+    }
+    if uow.idempotencyKey is not None:
+        head["idempotency_key"] = uow.idempotencyKey
+    body = uow._body
+    if isinstance(body, SpooledBody) and isinstance(body.source, Path):
+        head["spooled"] = [str(body.source), body.offset, body.length]
+        return head, b""
+    return head, uow.body
+
+
+def decodeUOW(head: dict[str, Any], body: bytes) -> UnitOfWork:
+    """
+    The UOW of a frame made by L{encodeUOW}.
+    """
+    spooled = head.get("spooled")
+    return UnitOfWork(
+        id=head["id"],
+        method=head["method"],
+        key=head["key"],
+        route=head["route"],
+        body=SpooledBody(Path(spooled[0]), spooled[1], spooled[2]) if spooled else body,
+        contentType=head["type"],
+        receivedAt=head["at"],
+        attempt=head["attempt"],
+        idempotencyKey=head.get("idempotency_key"),
+    )
+
+
+def becomeChild() -> None:
+    """
+    Make this process a helper of the server: a signal to stop (an
+    operator's Ctrl-C, which reaches the whole process group, or a service
+    manager's SIGTERM to every process of the service) does not end it
+    mid-batch; it finishes the calls it has and ends when the server closes
+    its input, as after a crash of the server. A crash point reached here
+    kills the server too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    crashpoints.inHelper()
 
 
 def writeOut(data: bytes) -> None:

@@ -39,44 +39,22 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..childprocess import Answer, ChildRunner, frame, frames, readIn, refusal, refused, writeOut
+from ..childprocess import (
+    Answer,
+    ChildRunner,
+    becomeChild,
+    decodeUOW,
+    encodeUOW,
+    frame,
+    frames,
+    readIn,
+    refusal,
+    refused,
+    writeOut,
+)
 from ..interfaces import IProbe, IReader, IStartable, IStash
-from ..uow import Document, SpooledBody, UnitOfWork, Verdict
+from ..uow import Document, UnitOfWork, Verdict
 from . import unavailable
-
-
-def encodeUOW(uow: UnitOfWork) -> tuple[dict[str, Any], bytes]:
-    """
-    What the stash needs of C{uow}, as a frame's head and body.
-    """
-    head: dict[str, Any] = {
-        "id": uow.id,
-        "method": uow.method,
-        "key": uow.key,
-        "route": uow.route,
-        "type": uow.contentType,
-        "at": uow.receivedAt,
-        "attempt": uow.attempt,
-    }
-    body = uow._body
-    if isinstance(body, SpooledBody) and isinstance(body.source, Path):
-        head["spooled"] = [str(body.source), body.offset, body.length]
-        return head, b""
-    return head, uow.body
-
-
-def decodeUOW(head: dict[str, Any], body: bytes) -> UnitOfWork:
-    spooled = head.get("spooled")
-    return UnitOfWork(
-        id=head["id"],
-        method=head["method"],
-        key=head["key"],
-        route=head["route"],
-        body=SpooledBody(Path(spooled[0]), spooled[1], spooled[2]) if spooled else body,
-        contentType=head["type"],
-        receivedAt=head["at"],
-        attempt=head["attempt"],
-    )
 
 
 # The child.
@@ -146,6 +124,7 @@ def main(argv: list[str]) -> None:
     from .filesystem import FilesystemStash
 
     name, root = argv
+    becomeChild()
     stash = FilesystemStash(name, Path(root), inline)
 
     try:
