@@ -22,6 +22,7 @@ from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
 from .interfaces import IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
+from .journal import InlineJournal, Journal, ProcessJournal
 from .metrics import Metrics
 from .records import UOWRecords
 from .recovery import recover
@@ -91,6 +92,7 @@ class Container:
         clock: IReactorTime,
         blocking: Blocking,
         serial: Blocking | None = None,
+        processes: Any = None,
         uniform: Callable[[], float] = random.random,
     ) -> None:
         """
@@ -99,18 +101,29 @@ class Container:
             a time, on one thread: the two take turns there rather than
             contend for the GIL from two (measured: BENCHMARKS.md). By
             default C{blocking}, which must then be serial too.
+        @param processes: The reactor that starts the journal's child
+            process, which then writes the spool and the final states
+            (L{apicontainer.journal}); without it, they are written through
+            C{serial}.
         @param uniform: The random source of retry jitter.
         """
         self.config = config
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
-        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", serial or blocking, dataDir / "spares")
+        # Only the one that writes the spool files keeps spares.
+        spares = None if processes is not None else dataDir / "spares"
+        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", serial or blocking, spares)
         self.ids = UOWIds(dataDir / "uow-ids", blocking)
         self.failQueue = FileFailQueue(
             dataDir / "failed", blocking, clock, config.retry, uniform
         )
         self.states = StateStore(dataDir / "state.sqlite3", serial or blocking)
+        self.journal: Journal = (
+            InlineJournal(self.spool, self.states)
+            if processes is None
+            else ProcessJournal(dataDir, self.spool, processes)
+        )
         self.idempotency = IdempotencyIndex(self.states, self.failQueue)
         self.records = UOWRecords()
         self.metrics = Metrics()
@@ -143,7 +156,7 @@ class Container:
             self.log.error("fail queue entry {path} is unreadable; left in place", path=str(path))
         self.states.open()
         self.metrics.watch(self)
-        self.front = FrontQueue(self.ids, self.spool, self.idempotency.hold)
+        self.front = FrontQueue(self.ids, self.journal, self.idempotency.hold)
         self.fanout = Fanout(
             self.front,
             self.workers,
@@ -151,6 +164,7 @@ class Container:
             self.spool,
             self.failQueue,
             self.states,
+            self.journal,
             self.idempotency,
             self.records,
             self.clock,
@@ -172,6 +186,9 @@ class Container:
         crash left behind; then start the retry engine.
         """
         assert self.fanout is not None and self.front is not None and self.retries is not None
+        # Before recovery: the journal's child is ready only once the last
+        # server's child (after a crash) has finished its batch.
+        await self.journal.start()
         for name, stash in self.stashes.items():
             if IStartable.providedBy(stash):
                 try:
@@ -343,6 +360,7 @@ class Container:
             [stash.stop() for stash in self.stashes.values() if IStartable.providedBy(stash)],
             consumeErrors=True,
         )
+        await self.journal.stop()
 
     async def submit(self, request: UnitOfWork) -> Admission:
         """

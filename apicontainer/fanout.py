@@ -4,7 +4,6 @@ The fanout: sends each UOW to its stashes and settles the outcome.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Mapping, Sequence
 
 from attrs import frozen
@@ -18,6 +17,7 @@ from .crashpoints import reach
 from .failqueue import FailedUOW, FileFailQueue
 from .frontqueue import Admission, FrontQueue
 from .idempotency import IdempotencyIndex
+from .journal import Journal
 from .metrics import Metrics
 from .records import UOWRecords, UOWState
 from .spool import Spool
@@ -83,6 +83,7 @@ class Fanout:
         spool: Spool,
         failQueue: FileFailQueue,
         states: StateStore,
+        journal: Journal,
         idempotency: IdempotencyIndex,
         records: UOWRecords,
         clock: IReactorTime,
@@ -93,6 +94,7 @@ class Fanout:
         self._spool = spool
         self._failQueue = failQueue
         self._states = states
+        self._journal = journal
         self._idempotency = idempotency
         self._records = records
         self._clock = clock
@@ -265,9 +267,8 @@ class Fanout:
         record = StateRecord.of(state, report, uow.route, self._clock.seconds(), uow)
         entry = self._failQueue.get(uow.id)
         # Without a fail queue entry to drop first (the common case), the
-        # spool file goes in the state store's hop, right after the record.
-        then = partial(self._removeSpool, uow.id) if entry is None else None
-        removal = await self._states.record(record, then=then)
+        # spool file goes in the journal's batch, right after the record.
+        removal = await self._journal.settle(record, removeSpool=entry is None)
         self._idempotency.release(uow)
         if entry is not None:
             await self._failQueue.drop(uow.id)
@@ -281,20 +282,6 @@ class Fanout:
             self.log.failure("spool file of UOW {uow} could not be deleted", Failure(removal), uow=uow.id)
         self._logReport(uow, report, state.value)
         self._records.finish(uow, UOWState(state.value), report)
-
-    def _removeSpool(self, uowId: int) -> Exception | None:
-        """
-        Remove the spool file of UOW C{uowId} (blocking).
-
-        @return: The error, if it could not be removed (not raised: the
-            record it follows is durable all the same).
-        """
-        reach("before-spool-delete")
-        try:
-            self._spool.remove(uowId)
-        except Exception as e:
-            return e
-        return None
 
     async def _commit(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> None:
         """

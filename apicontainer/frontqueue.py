@@ -10,7 +10,7 @@ from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, DeferredQueue
 
 from .crashpoints import reach
-from .spool import Spool
+from .journal import Journal
 from .uow import Report, UnitOfWork
 from .uowids import UOWIds
 
@@ -41,7 +41,7 @@ class FrontQueue:
     def __init__(
         self,
         ids: UOWIds,
-        spool: Spool,
+        journal: Journal,
         onSpooled: Callable[[UnitOfWork], None] = lambda uow: None,
     ) -> None:
         """
@@ -50,7 +50,7 @@ class FrontQueue:
         """
         self.queue: DeferredQueue[Admission] = DeferredQueue()
         self._ids = ids
-        self._spool = spool
+        self._journal = journal
         self._onSpooled = onSpooled
         self._nextRelease = ids.first
         self._held: dict[int, Admission | None] = {}
@@ -66,7 +66,7 @@ class FrontQueue:
         uowId = await self._ids.allocate()
         uow = evolve(request, id=uowId, attempt=uowId)
         try:
-            uow = await self._spool.write(uow)
+            uow = await self._journal.write(uow)
         except BaseException:
             self._release(uowId, None)
             raise

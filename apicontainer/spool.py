@@ -207,13 +207,17 @@ class Spool:
         # different threads: a deque's append and popleft are atomic.
         self._spares: deque[Path] = deque()
 
-    def open(self) -> None:
+    def open(self, clean: bool = True) -> None:
         """
         Create the spool and quarantine directories (blocking; at start-up).
+
+        @param clean: Remove the temporary files of writes that a crash cut
+            short: only for the spool's first user, before any write starts.
         """
         makeDirectories(self.directory)
         makeDirectories(self.quarantineDirectory)
-        removeTemporaries(self.directory)
+        if clean:
+            removeTemporaries(self.directory)
         if self.sparesDirectory is not None:
             makeDirectories(self.sparesDirectory)
             self._spares = deque(self.sparesDirectory.iterdir())

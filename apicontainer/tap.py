@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IReactorProcess
 from twisted.python import usage
 
 from .auth import BearerTokens
@@ -94,7 +95,10 @@ def makeService(options: Options) -> IService:
         stashes = buildStashes(config, context)
     except ConfigError as e:
         _refuse(str(e))
-    container = Container(config, stashes, reactor, context.blocking, serial=pools.runner("state"))
+    processes = reactor if IReactorProcess.providedBy(reactor) else None
+    container = Container(
+        config, stashes, reactor, context.blocking, serial=pools.runner("state"), processes=processes
+    )
     try:
         container.open()
     except (OSError, ValueError) as e:

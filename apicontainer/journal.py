@@ -1,0 +1,308 @@
+"""
+The journal: where a UOW's spool file is written and its final state
+recorded, then its spool file removed.
+
+The server's journal is a child process of its own, C{python -m
+apicontainer.journal DATA_DIR}, which opens the spool and the state store
+of C{DATA_DIR} as the server does and answers two calls:
+
+  - C{spool}: write the spool file of a UOW whose body the server holds in
+    memory (a larger body stays in the file it arrived in, and the server
+    spools it itself, a chunk at a time);
+  - C{state}: record the final state of a UOW and, once it is durable,
+    remove its spool file.
+
+It runs the calls that reached it while it was busy as one batch: the spool
+files with one C{syncfs}, the final states in one transaction, the removals
+after the commit (group commit). In a process of its own that work waits for
+no thread of the server to give up Python's GIL, and the server's reactor
+gets the CPU it took (measured: BENCHMARKS.md). Only the child keeps spare
+spool files (C{spares/}); the server keeps its own connection to the state
+store, for reads.
+
+The child holds an exclusive lock on C{DATA_DIR/.journal.lock} for its
+whole life, and says it is ready only once it has it: so a server restarted
+after a crash, whose old child may still be finishing a batch, starts its
+recovery only after that batch is done.
+
+If the child ends with calls under way, each is sent once more, to a new
+child: both calls may be made twice (a spool file is written whole under
+its UOW's name; a final state replaces itself, and a removal of a file that
+is gone does nothing). A spool write that fails again is refused, and its
+file, if the child got that far, removed.
+
+L{InlineJournal} does the same work in the server, through the spool and
+the state store's own runners: for unit tests, and for a reactor that
+cannot start processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from .childprocess import (
+    Answer,
+    ChildRunner,
+    becomeChild,
+    decodeUOW,
+    encodeUOW,
+    frame,
+    frames,
+    readIn,
+    refusal,
+    refused,
+    writeOut,
+)
+from .crashpoints import reach
+from .groupcommit import Operation, Outcome
+from .spool import Spool, SpoolError, SpoolFull
+from .states import FinalState, StateRecord, StateStore
+from .uow import INLINE_BODY_BYTES, UnitOfWork
+
+
+class Journal(Protocol):
+    """
+    Makes spool writes and final states durable.
+    """
+
+    def start(self) -> Deferred[None]:
+        """
+        Get ready; a journal that cannot fails.
+        """
+
+    def stop(self) -> Deferred[None]:
+        """
+        Finish what is under way, and stop.
+        """
+
+    def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
+        """
+        L{Spool.write}.
+        """
+
+    def settle(self, record: StateRecord, removeSpool: bool) -> Deferred[Exception | None]:
+        """
+        Record a final state durably, then, with C{removeSpool}, remove the
+        UOW's spool file.
+
+        @return: A Deferred that fires once the record is durable, with the
+            removal's error, if it failed (the record is durable all the
+            same); it fails with the record's error.
+        """
+
+
+def removeSpoolFile(spool: Spool, uowId: int) -> Exception | None:
+    """
+    Remove the spool file of a UOW whose final state is durable (blocking).
+
+    @return: The error, if it could not be removed (not raised).
+    """
+    reach("before-spool-delete")
+    try:
+        spool.remove(uowId)
+    except Exception as e:
+        return e
+    return None
+
+
+class InlineJournal:
+    """
+    The journal's work done in the server, through the runners of C{spool}
+    and C{states}.
+    """
+
+    def __init__(self, spool: Spool, states: StateStore) -> None:
+        self._spool = spool
+        self._states = states
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
+        return self._spool.write(uow)
+
+    def settle(self, record: StateRecord, removeSpool: bool) -> Deferred[Exception | None]:
+        then = partial(removeSpoolFile, self._spool, record.uow) if removeSpool else None
+        return self._states.record(record, then=then)
+
+
+def _recordFields(r: StateRecord) -> list[Any]:
+    return [r.uow, r.key, r.route, r.state.value, r.status, r.report, r.idempotencyKey, r.payloadHash, r.at]
+
+
+def _record(fields: list[Any]) -> StateRecord:
+    uow, key, route, state, *rest = fields
+    return StateRecord(uow, key, route, FinalState(state), *rest)
+
+
+# The child.
+
+
+def _answer(value: Any) -> bytes:
+    if isinstance(value, Exception):  # a removal that failed
+        return frame({"ok": True, "removal": str(value) or type(value).__name__})
+    return frame({"ok": True})
+
+
+def serve(spool: Spool, states: StateStore, read: Callable[[], bytes], write: Callable[[bytes], None]) -> None:
+    """
+    Answer calls until C{read} gives C{b""}: the calls that have arrived
+    go in one batch of spool writes and one of final states, and their
+    answers are written at once, in the order of the calls.
+    """
+    buffer = bytearray()
+    while True:
+        data = read()
+        if not data:
+            return
+        buffer += data
+        answers: list[bytes] = []
+        batches: dict[str, list[tuple[int, Operation]]] = {"spool": [], "state": []}
+        for head, body in frames(buffer):
+            try:
+                op = head["op"]
+                if op == "spool":
+                    operation: Operation = (spool._write, (decodeUOW(head["uow"], body),))
+                elif op == "state":
+                    record = _record(head["record"])
+                    then = partial(removeSpoolFile, spool, record.uow) if head["remove"] else None
+                    operation = (states._insert, (record, then))
+                else:
+                    raise ValueError(f"unknown call {op!r}")
+            except Exception:
+                answers.append(refusal(Failure()))
+                continue
+            batches[op].append((len(answers), operation))
+            answers.append(b"")
+        if not answers:
+            continue
+        for runBatch, batch in ((spool._writeBatch, batches["spool"]), (states._runBatch, batches["state"])):
+            for index, answer in _run(runBatch, batch):
+                answers[index] = answer
+        write(b"".join(answers))
+
+
+def _run(
+    runBatch: Callable[[Sequence[Operation]], list[Outcome]], batch: list[tuple[int, Operation]]
+) -> list[tuple[int, bytes]]:
+    if not batch:
+        return []
+    try:
+        outcomes = runBatch([operation for _, operation in batch])
+    except Exception:
+        failure = Failure()
+        outcomes = [(False, failure)] * len(batch)
+    return [
+        (index, _answer(value) if ok else refusal(value)) for (index, _), (ok, value) in zip(batch, outcomes)
+    ]
+
+
+def main(argv: list[str]) -> None:
+    from .blocking import inline
+    from .durable import makeDirectories
+
+    (dataDir,) = argv
+    data = Path(dataDir)
+    becomeChild()
+    spool = Spool(data / "spool", data / "quarantine", inline, data / "spares")
+    states = StateStore(data / "state.sqlite3", inline)
+    try:
+        makeDirectories(data)
+        lock = os.open(data / ".journal.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends
+        # The server removed the temporaries of cut-short writes before it
+        # started any: this child may be a second one, with writes of the
+        # server's under way.
+        spool.open(clean=False)
+        states.open()
+    except Exception:
+        writeOut(refusal(Failure()))
+        return
+    writeOut(frame({"ok": True}))
+    serve(spool, states, readIn, writeOut)
+
+
+# The server's side.
+
+_SPOOL_ERRORS: dict[str, type[Exception]] = {"SpoolFull": SpoolFull, "SpoolError": SpoolError}
+
+
+class ProcessJournal:
+    """
+    The journal in a child process: the server's side.
+    """
+
+    def __init__(self, dataDir: Path, spool: Spool, reactor: Any) -> None:
+        """
+        @param spool: The server's spool (with no spares): it writes the
+            large bodies, and removes what a failed write left.
+        """
+        self._spool = spool
+        self._runner = ChildRunner("the journal", "apicontainer.journal", [str(dataDir)], reactor)
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The child's process id, while it runs.
+        """
+        return self._runner.pid
+
+    def start(self) -> Deferred[None]:
+        return self._runner.ready()
+
+    def stop(self) -> Deferred[None]:
+        return self._runner.stop()
+
+    def _call(self, head: dict[str, Any], body: bytes = b"") -> Deferred[Answer]:
+        def again(reason: Failure) -> Deferred[Answer]:
+            reason.trap(OSError)  # the child ended: once more, to a new one
+            return self._runner.call(head, body)
+
+        return self._runner.call(head, body).addErrback(again)
+
+    def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
+        if not isinstance(uow._body, bytes) or len(uow._body) > INLINE_BODY_BYTES:
+            return self._spool.write(uow)
+        head, body = encodeUOW(uow)
+
+        def written(answer: Answer) -> UnitOfWork:
+            error = refused(answer[0], _SPOOL_ERRORS)
+            if error is not None:
+                raise error if isinstance(error, SpoolError) else SpoolError(f"spool write failed: {error}")
+            return uow
+
+        def lost(reason: Failure) -> Deferred[UnitOfWork]:
+            # No child runs: whatever the last one wrote goes.
+            def refuse(_: object) -> UnitOfWork:
+                raise SpoolError(f"spool write failed: {reason.value}")
+
+            return self._spool.delete(uow.id).addBoth(refuse)
+
+        return self._call({"op": "spool", "uow": head}, body).addCallbacks(written, lost)
+
+    def settle(self, record: StateRecord, removeSpool: bool) -> Deferred[Exception | None]:
+        def recorded(answer: Answer) -> Exception | None:
+            head = answer[0]
+            error = refused(head)
+            if error is not None:
+                raise error
+            return OSError(head["removal"]) if "removal" in head else None
+
+        return self._call({"op": "state", "record": _recordFields(record), "remove": removeSpool}).addCallback(
+            recorded
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
