@@ -26,6 +26,7 @@ with L{OSError}, and the next call starts a new child.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import struct
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ProcessProtocol
@@ -42,6 +43,7 @@ from twisted.python.failure import Failure
 
 from . import crashpoints
 from .compactjson import compact
+from .durable import makeDirectories
 from .uow import SpooledBody, UnitOfWork
 
 _SIZES = struct.Struct(">II")
@@ -135,18 +137,38 @@ def decodeUOW(head: dict[str, Any], body: bytes) -> UnitOfWork:
     )
 
 
-def becomeChild() -> None:
+def becomeChild(lock: Path, open: Callable[[], None]) -> bool:
     """
-    Make this process a helper of the server: a signal to stop (an
-    operator's Ctrl-C, which reaches the whole process group, or a service
-    manager's SIGTERM to every process of the service) does not end it
-    mid-batch; it finishes the calls it has and ends when the server closes
-    its input, as after a crash of the server. A crash point reached here
-    kills the server too.
+    Make this process a helper of the server, and say to the server when
+    it is ready.
+
+    A signal to stop (an operator's Ctrl-C, which reaches the whole process
+    group, or a service manager's SIGTERM to every process of the service)
+    does not end it mid-batch: it finishes the calls it has and ends when
+    the server closes its input, as after a crash of the server. A crash
+    point reached here kills the server too.
+
+    @param lock: A file to hold an exclusive lock on for the life of the
+        process (its folder is made if need be), so that the child of
+        another server (one restarted after a crash) waits until this one
+        has finished its last batch.
+    @param open: Called once the lock is held, to open what the child
+        works on.
+    @return: Whether it is ready; if not, the server has been told why.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     crashpoints.inHelper()
+    try:
+        makeDirectories(lock.parent)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process ends
+        open()
+    except Exception:
+        writeOut(refusal(Failure()))
+        return False
+    writeOut(frame({"ok": True}))
+    return True
 
 
 def writeOut(data: bytes) -> None:

@@ -38,8 +38,6 @@ cannot start processes.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -210,27 +208,21 @@ def _run(
 
 def main(argv: list[str]) -> None:
     from .blocking import inline
-    from .durable import makeDirectories
 
     (dataDir,) = argv
     data = Path(dataDir)
-    becomeChild()
     spool = Spool(data / "spool", data / "quarantine", inline, data / "spares")
     states = StateStore(data / "state.sqlite3", inline)
-    try:
-        makeDirectories(data)
-        lock = os.open(data / ".journal.lock", os.O_RDWR | os.O_CREAT, 0o640)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends
+
+    def open() -> None:
         # The server removed the temporaries of cut-short writes before it
         # started any: this child may be a second one, with writes of the
         # server's under way.
         spool.open(clean=False)
         states.open()
-    except Exception:
-        writeOut(refusal(Failure()))
-        return
-    writeOut(frame({"ok": True}))
-    serve(spool, states, readIn, writeOut)
+
+    if becomeChild(data / ".journal.lock", open):
+        serve(spool, states, readIn, writeOut)
 
 
 # The server's side.

@@ -29,8 +29,6 @@ finish its batch.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -120,23 +118,12 @@ def _single(stash: Any, op: str, head: dict[str, Any], body: bytes) -> bytes:
 
 def main(argv: list[str]) -> None:
     from ..blocking import inline
-    from ..durable import makeDirectories
     from .filesystem import FilesystemStash
 
     name, root = argv
-    becomeChild()
     stash = FilesystemStash(name, Path(root), inline)
-
-    try:
-        makeDirectories(Path(root))
-        lock = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends
-        stash._open()
-    except Exception:
-        writeOut(refusal(Failure()))
-        return
-    writeOut(frame({"ok": True, "none": True}))
-    serve(stash, readIn, writeOut)
+    if becomeChild(Path(root, ".lock"), stash._open):
+        serve(stash, readIn, writeOut)
 
 
 # The server's side.
