@@ -34,7 +34,7 @@ import struct
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ProcessProtocol
@@ -169,6 +169,52 @@ def becomeChild(lock: Path, open: Callable[[], None]) -> bool:
         return False
     writeOut(frame({"ok": True}))
     return True
+
+
+def serve(
+    answer: Callable[[list[Answer]], list[bytes]],
+    read: Callable[[], bytes] | None = None,
+    write: Callable[[bytes], None] | None = None,
+) -> None:
+    """
+    Answer calls until C{read} gives C{b""} (the server closed this
+    process's input): the calls that have arrived go to C{answer} together,
+    which gives their answers in the order of the calls, and those are
+    written at once.
+
+    @param read: By default L{readIn}.
+    @param write: By default L{writeOut}.
+    """
+    read = read or readIn
+    write = write or writeOut
+    buffer = bytearray()
+    while True:
+        data = read()
+        if not data:
+            return
+        buffer += data
+        calls = list(frames(buffer))
+        if calls:
+            write(b"".join(answer(calls)))
+
+
+def answerBatch(
+    runBatch: Callable[[Sequence[Any]], list[tuple[bool, Any]]],
+    operations: Sequence[Any],
+    answer: Callable[[Any], bytes],
+) -> list[bytes]:
+    """
+    Run C{operations} as one batch (a group commit's C{runBatch}) and give
+    each one's answer: C{answer} of what it returned, or its refusal (the
+    batch's, when the whole batch failed).
+    """
+    if not operations:
+        return []
+    try:
+        outcomes = runBatch(operations)
+    except Exception:
+        return [refusal(Failure())] * len(operations)
+    return [answer(value) if ok else refusal(value) for ok, value in outcomes]
 
 
 def writeOut(data: bytes) -> None:

@@ -1,6 +1,6 @@
 """
-Compact JSON: the form of spool headers, frames to a filesystem stash's
-process and every answer.
+Compact JSON: the form of spool headers, frames to the server's child
+processes and every answer.
 """
 
 import json

@@ -41,7 +41,7 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -49,18 +49,17 @@ from twisted.python.failure import Failure
 from .childprocess import (
     Answer,
     ChildRunner,
+    answerBatch,
     becomeChild,
     decodeUOW,
     encodeUOW,
     frame,
-    frames,
-    readIn,
     refusal,
     refused,
-    writeOut,
+    serve,
 )
 from .crashpoints import reach
-from .groupcommit import Operation, Outcome
+from .groupcommit import Operation
 from .spool import Spool, SpoolError, SpoolFull
 from .states import FinalState, StateRecord, StateStore
 from .uow import INLINE_BODY_BYTES, UnitOfWork
@@ -153,57 +152,34 @@ def _answer(value: Any) -> bytes:
     return frame({"ok": True})
 
 
-def serve(spool: Spool, states: StateStore, read: Callable[[], bytes], write: Callable[[bytes], None]) -> None:
+def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[bytes]:
     """
-    Answer calls until C{read} gives C{b""}: the calls that have arrived
-    go in one batch of spool writes and one of final states, and their
-    answers are written at once, in the order of the calls.
+    The answers of C{calls}: the spool writes go in one batch and the final
+    states in another.
     """
-    buffer = bytearray()
-    while True:
-        data = read()
-        if not data:
-            return
-        buffer += data
-        answers: list[bytes] = []
-        batches: dict[str, list[tuple[int, Operation]]] = {"spool": [], "state": []}
-        for head, body in frames(buffer):
-            try:
-                op = head["op"]
-                if op == "spool":
-                    operation: Operation = (spool._write, (decodeUOW(head["uow"], body),))
-                elif op == "state":
-                    record = _record(head["record"])
-                    then = partial(removeSpoolFile, spool, record.uow) if head["remove"] else None
-                    operation = (states._insert, (record, then))
-                else:
-                    raise ValueError(f"unknown call {op!r}")
-            except Exception:
-                answers.append(refusal(Failure()))
-                continue
-            batches[op].append((len(answers), operation))
-            answers.append(b"")
-        if not answers:
+    answers: list[bytes] = []
+    batches: dict[str, list[tuple[int, Operation]]] = {"spool": [], "state": []}
+    for head, body in calls:
+        try:
+            op = head["op"]
+            if op == "spool":
+                operation: Operation = (spool._write, (decodeUOW(head["uow"], body),))
+            elif op == "state":
+                record = _record(head["record"])
+                then = partial(removeSpoolFile, spool, record.uow) if head["remove"] else None
+                operation = (states._insert, (record, then))
+            else:
+                raise ValueError(f"unknown call {op!r}")
+        except Exception:
+            answers.append(refusal(Failure()))
             continue
-        for runBatch, batch in ((spool._writeBatch, batches["spool"]), (states._runBatch, batches["state"])):
-            for index, answer in _run(runBatch, batch):
-                answers[index] = answer
-        write(b"".join(answers))
-
-
-def _run(
-    runBatch: Callable[[Sequence[Operation]], list[Outcome]], batch: list[tuple[int, Operation]]
-) -> list[tuple[int, bytes]]:
-    if not batch:
-        return []
-    try:
-        outcomes = runBatch([operation for _, operation in batch])
-    except Exception:
-        failure = Failure()
-        outcomes = [(False, failure)] * len(batch)
-    return [
-        (index, _answer(value) if ok else refusal(value)) for (index, _), (ok, value) in zip(batch, outcomes)
-    ]
+        batches[op].append((len(answers), operation))
+        answers.append(b"")
+    for runBatch, batch in ((spool._writeBatch, batches["spool"]), (states._runBatch, batches["state"])):
+        results = answerBatch(runBatch, [operation for _, operation in batch], _answer)
+        for (index, _), answer in zip(batch, results):
+            answers[index] = answer
+    return answers
 
 
 def main(argv: list[str]) -> None:
@@ -222,7 +198,7 @@ def main(argv: list[str]) -> None:
         states.open()
 
     if becomeChild(data / ".journal.lock", open):
-        serve(spool, states, readIn, writeOut)
+        serve(partial(_answers, spool, states))
 
 
 # The server's side.

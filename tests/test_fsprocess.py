@@ -23,7 +23,8 @@ from twisted.internet.task import deferLater
 
 from apicontainer.config import ConfigError, StashSpec
 from apicontainer.stashes.filesystem import FilesystemStash
-from apicontainer.stashes.fsprocess import FilesystemProcessStash, decodeUOW, encodeUOW, frame, frames
+from apicontainer.childprocess import decodeUOW, encodeUOW, frame, frames
+from apicontainer.stashes.fsprocess import FilesystemProcessStash
 from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
 from apicontainer.uow import SpooledBody, VerdictKind
 
@@ -35,8 +36,8 @@ async def started(root: Path) -> FilesystemProcessStash:
 
 
 def childPid(stash: FilesystemProcessStash) -> int:
-    assert stash._runner is not None and stash._runner._child is not None
-    return stash._runner._child.transport.pid  # type: ignore[union-attr, no-any-return]
+    assert stash._runner is not None and stash._runner.pid is not None
+    return stash._runner.pid
 
 
 async def ended(stash: FilesystemProcessStash) -> None:

@@ -30,8 +30,9 @@ finish its batch.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
@@ -40,15 +41,14 @@ from zope.interface import implementer
 from ..childprocess import (
     Answer,
     ChildRunner,
+    answerBatch,
     becomeChild,
     decodeUOW,
     encodeUOW,
     frame,
-    frames,
-    readIn,
     refusal,
     refused,
-    writeOut,
+    serve,
 )
 from ..interfaces import IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
@@ -66,43 +66,24 @@ def _answer(result: Any) -> bytes:
     return frame({"ok": True, "none": result is None})
 
 
-def serve(stash: Any, read: Callable[[], bytes], write: Callable[[bytes], None]) -> None:
+def _answers(stash: Any, calls: list[Answer]) -> list[bytes]:
     """
-    Answer calls for C{stash} (a L{FilesystemStash}, opened) until C{read}
-    gives C{b""}: every call that has arrived goes in one batch, and the
-    answers of a batch are written at once.
+    The answers of C{calls} to C{stash} (a L{FilesystemStash}, opened):
+    its writes, commits and rollbacks go in one batch, up to each read or
+    probe, which is answered between them.
     """
-    buffer = bytearray()
-    while True:
-        data = read()
-        if not data:
-            return
-        buffer += data
-        calls = list(frames(buffer))
-        if not calls:
+    answers: list[bytes] = []
+    operations: list[Any] = []
+    for head, body in calls:
+        op = head["op"]
+        if op in ("stash", "commit", "rollback"):
+            operations.append((getattr(stash, "_" + op), (decodeUOW(head["uow"], body),)))
             continue
-        answers = []
+        answers.extend(answerBatch(stash._runBatch, operations, _answer))
         operations = []
-        for head, body in calls:
-            op = head["op"]
-            if op in ("stash", "commit", "rollback"):
-                operations.append((getattr(stash, "_" + op), (decodeUOW(head["uow"], body),)))
-                continue
-            answers.extend(_run(stash, operations))
-            operations = []
-            answers.append(_single(stash, op, head, body))
-        answers.extend(_run(stash, operations))
-        write(b"".join(answers))
-
-
-def _run(stash: Any, operations: list[Any]) -> list[bytes]:
-    if not operations:
-        return []
-    try:
-        outcomes = stash._runBatch(operations)
-    except Exception:
-        return [refusal(Failure())] * len(operations)
-    return [_answer(value) if ok else refusal(value) for ok, value in outcomes]
+        answers.append(_single(stash, op, head, body))
+    answers.extend(answerBatch(stash._runBatch, operations, _answer))
+    return answers
 
 
 def _single(stash: Any, op: str, head: dict[str, Any], body: bytes) -> bytes:
@@ -123,7 +104,7 @@ def main(argv: list[str]) -> None:
     name, root = argv
     stash = FilesystemStash(name, Path(root), inline)
     if becomeChild(Path(root, ".lock"), stash._open):
-        serve(stash, readIn, writeOut)
+        serve(partial(_answers, stash))
 
 
 # The server's side.
