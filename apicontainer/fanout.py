@@ -354,8 +354,8 @@ class Fanout:
             )
             return False
 
-        call = maybeDeferred(getattr(worker.stash, step), uow)
-        return call.addTimeout(worker.timeout, self._clock).addCallbacks(lambda _: True, failed)
+        call = worker.deadlines.watch(maybeDeferred(getattr(worker.stash, step), uow), worker.timeout)
+        return call.addCallbacks(lambda _: True, failed)
 
     def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:
         if self._metrics is not None:
