@@ -63,3 +63,19 @@ def test_headlineSummary() -> None:
     assert summary.endswith(
         "throughput >= 0.5x the baseline in 1 of 2 runs; p99 <= 4x the baseline's in 1 of 2 runs"
     )
+
+
+def test_timers() -> None:
+    """
+    `python -m bench.timers` times the three ways and prints each against
+    the run's own no-timeout figure.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.timers", "--rounds", "5"],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for kind in ("no timeout", "addTimeout", "Deadlines"):
+        [line] = [line for line in lines if line.strip().startswith(kind)]
+        assert " us per request (" in line and "x no timeout" in line, line
