@@ -61,9 +61,10 @@ class Deadlines:
 
         @return: C{deferred}.
         """
-        if deferred.called:
-            return deferred
         watch = _Watch(self._clock.seconds() + seconds, deferred, seconds)  # type: ignore[arg-type]
+        deferred.addBoth(self._fired, watch)
+        if watch.deferred is None:
+            return deferred  # it had its result already
         queue = self._queue
         if not queue or queue[-1].deadline <= watch.deadline:
             queue.append(watch)
@@ -73,7 +74,7 @@ class Deadlines:
             insort(queue, watch, key=lambda w: w.deadline)
         if self._timer is None or queue[0] is watch:
             self._schedule()
-        return deferred.addBoth(self._fired, watch)
+        return deferred
 
     def _fired(self, result: T | Failure, watch: _Watch) -> T | Failure:
         watch.deferred = None
@@ -99,7 +100,7 @@ class Deadlines:
     def _expire(self) -> None:
         now = self._clock.seconds()
         queue = self._queue
-        while queue and queue[0].deadline <= now:
+        while queue and (queue[0].deadline <= now or queue[0].deferred is None):
             watch = queue.popleft()
             if watch.deferred is not None:
                 watch.timedOut = True

@@ -156,3 +156,43 @@ def test_short_timeouts(seconds: float) -> None:
     results = outcome(Deadlines(clock).watch(Deferred(), seconds))
     clock.advance(seconds)
     assert results[0].check(TimeoutError)  # type: ignore[attr-defined]
+
+
+
+def test_a_deferred_that_waits_on_another() -> None:
+    """
+    A Deferred that has been called but waits on the Deferred a callback
+    returned is still under way: its timeout cancels the one it waits on.
+    """
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    inner: Deferred[object] = Deferred()
+    outer: Deferred[object] = succeed(None).addCallback(lambda _: inner)
+    results = outcome(deadlines.watch(outer, 5))
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(5)
+    assert results[0].check(TimeoutError)  # type: ignore[attr-defined]
+    assert inner.called
+
+
+def test_an_expiry_whose_callbacks_wait_leaves_nothing_behind() -> None:
+    """
+    A timed-out Deferred that is paused runs its callbacks later; the fired
+    ones behind it leave the queue at once all the same, and no timer stays
+    set for them.
+    """
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    paused: Deferred[object] = Deferred()
+    paused.pause()
+    results = outcome(deadlines.watch(paused, 5))
+    clock.advance(1)
+    later: Deferred[object] = Deferred()
+    deadlines.watch(later, 5)
+    later.callback("done")
+    assert len(deadlines) == 2
+    clock.advance(4)
+    assert results == []
+    assert len(deadlines) == 0 and clock.getDelayedCalls() == []
+    paused.unpause()
+    assert results[0].check(TimeoutError)  # type: ignore[attr-defined]
