@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -102,7 +102,17 @@ class LimitedChannel(HTTPChannel):
 
     headerTimeout = 10.0
     bodyTimeout = 60.0
+    # When the request under way must have its headers, or its body: None
+    # between requests. The timer is never later than that, but may be
+    # sooner: re-arming it for each request of a keep-alive connection
+    # would cost the reactor a timer pushed onto its heap and a
+    # cancellation, twice a request; a timer that finds the deadline not yet
+    # reached sets itself again for it.
+    _due: float | None = None
+    _dueWhat = ""
+    _dueSeconds = 0.0
     _deadline: IDelayedCall | None = None
+    clock: IReactorTime | None = None
     _inRequest = False
     _host: Any = None
 
@@ -130,24 +140,46 @@ class LimitedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._disarm()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         site = getattr(self, "site", None)
         if isinstance(site, LimitedSite):
             site.released(self)
         super().connectionLost(reason)
 
+    def _seconds(self) -> float:
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor  # type: ignore[assignment]
+        return self.clock.seconds()  # type: ignore[union-attr]
+
     def _arm(self, seconds: float, what: str) -> None:
-        self._disarm()
-        self._deadline = self.callLater(seconds, lambda: self._expired(what, seconds))
+        due = self._seconds() + seconds
+        self._due, self._dueWhat, self._dueSeconds = due, what, seconds
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            if deadline.getTime() <= due:
+                return
+            deadline.cancel()
+        self._deadline = self.callLater(seconds, self._check)
 
     def _disarm(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        self._due = None
+
+    def _check(self) -> None:
         self._deadline = None
+        if self._due is None or self.transport is None:
+            return
+        left = self._due - self._seconds()
+        if left > 0:
+            self._deadline = self.callLater(left, self._check)
+            return
+        self._due = None
+        self._expired(self._dueWhat, self._dueSeconds)
 
     def _expired(self, what: str, seconds: float) -> None:
-        self._deadline = None
-        if self.transport is None:
-            return
         self.transport.write(
             rawResponse(
                 408,
@@ -207,6 +239,7 @@ class LimitedSite(Site):
             )
         channel = super().buildProtocol(addr)
         if channel is not None:
+            channel.clock = self.reactor
             channel.headerTimeout = limits.headerTimeout
             channel.bodyTimeout = limits.bodyTimeout
             channel.maxHeaders = limits.maxHeaders
