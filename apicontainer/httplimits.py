@@ -112,6 +112,8 @@ class LimitedChannel(HTTPChannel):
     _dueWhat = ""
     _dueSeconds = 0.0
     _deadline: IDelayedCall | None = None
+    # Whose time the deadlines are in: the site's reactor (LimitedSite sets
+    # it), or the global one for a channel made without a site.
     clock: IReactorTime | None = None
     _inRequest = False
     _host: Any = None
@@ -180,14 +182,16 @@ class LimitedChannel(HTTPChannel):
         self._expired(self._dueWhat, self._dueSeconds)
 
     def _expired(self, what: str, seconds: float) -> None:
-        self.transport.write(
+        transport = self.transport
+        assert transport is not None  # _check saw to it
+        transport.write(
             rawResponse(
                 408,
                 "Request Timeout",
                 {"error": "timeout", "message": f"the request {what} took longer than {seconds:g}s"},
             )
         )
-        self.transport.loseConnection()
+        transport.loseConnection()
 
 
 class _Refusal(Protocol):
