@@ -13,9 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from bench.compare import summary
 from bench.run import HEADLINE, cases, headlineSummary
 
 pytestmark = pytest.mark.integration
+
+
+def needWrk() -> None:
+    if shutil.which("wrk") is None:
+        reason = "wrk is not installed (apt-get install wrk)"
+        if os.environ.get("APICONTAINER_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def test_quickRun() -> None:
@@ -23,11 +32,7 @@ def test_quickRun() -> None:
     `python -m bench.run --quick` starts the server, the baseline and both
     floors, drives them with wrk, and prints a table row with ratios.
     """
-    if shutil.which("wrk") is None:
-        reason = "wrk is not installed (apt-get install wrk)"
-        if os.environ.get("APICONTAINER_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    needWrk()
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--seconds", "1"],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
@@ -79,3 +84,39 @@ def test_timers() -> None:
     for kind in ("no timeout", "addTimeout", "Deadlines"):
         [line] = [line for line in lines if line.strip().startswith(kind)]
         assert " us per request (" in line and "x no timeout" in line, line
+
+
+def test_compare() -> None:
+    """
+    `python -m bench.compare BEFORE AFTER` runs each revision's own package
+    (here the last commit, from git, against the working tree) and sums up
+    the rounds.
+    """
+    needWrk()
+    root = Path(__file__).parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "HEAD", ".", "--rounds", "1", "--seconds", "1"],
+        cwd=root, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "HEAD: apicontainer from " in out and "/HEAD/apicontainer/__init__.py" in out, out
+    assert f".: apicontainer from {root / 'apicontainer' / '__init__.py'}" in out, out
+    assert "round 1 HEAD: " in out and "round 1 .: " in out
+    assert ". against HEAD: req/s higher in " in out and " of 1 rounds, median ratio " in out
+
+
+def test_compareSummary() -> None:
+    """
+    The summary counts the rounds each way and gives the median ratio.
+    """
+    before = [{"rps": 100.0, "p99": 50.0, "cpu_ms": 2.0}, {"rps": 100.0, "p99": 50.0, "cpu_ms": 2.0}]
+    after = [{"rps": 110.0, "p99": 40.0, "cpu_ms": 1.9}, {"rps": 90.0, "p99": 60.0, "cpu_ms": 2.1}]
+    text = summary("a", "b", {"a": before, "b": after})
+    assert "| a | 100 | 50.0 | 2.00 |" in text and "| b | 100 | 50.0 | 2.00 |" in text
+    assert text.endswith(
+        "b against a: req/s higher in 1 of 2 rounds, median ratio 1.000 (0.900-1.100);"
+        " p99 lower in 1 of 2; CPU per request lower in 1 of 2"
+    )
