@@ -64,15 +64,10 @@ def once(tree: Path, work: Path, seconds: float, concurrency: int) -> dict[str, 
     data = Path(tempfile.mkdtemp(prefix="compare-", dir=work))
     port, admin = freePort(), freePort()
     (data / "config.yaml").write_text(config(port, admin, data / "var", 2, False))
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree)
+    env = dict(os.environ, PYTHONPATH=str(tree))
     try:
-        return measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds, 1024, 0, data)
+        return measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds, 1024, 0, data, env)
     finally:
-        if previous is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = previous
         shutil.rmtree(data, ignore_errors=True)
 
 

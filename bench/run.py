@@ -150,8 +150,9 @@ def cpuSeconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure(command: list[str], port: int, concurrency: int, seconds: float, body: int, failEvery: int, cwd: Path) -> dict[str, Any]:
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def measure(command: list[str], port: int, concurrency: int, seconds: float, body: int, failEvery: int, cwd: Path,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         waitFor(port)
         wrk(port, concurrency, 1.0, body, failEvery)  # warm up
