@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .run import TWIST, config, freePort, measure
+from .run import server
 
 ROOT = Path(__file__).parent.parent
 
@@ -49,7 +49,7 @@ def checkout(revision: str, into: Path) -> Path:
 
 def runs(tree: Path, cwd: Path) -> str:
     """
-    Where a server started as L{once} starts it, with C{tree} first on the
+    Where a server started as L{bench.run.server} starts it, with C{tree} first on the
     path, imports C{apicontainer} from: the check that a round measures the
     revision it names.
     """
@@ -58,17 +58,6 @@ def runs(tree: Path, cwd: Path) -> str:
         [sys.executable, "-c", "import apicontainer; print(apicontainer.__file__)"],
         env=env, cwd=cwd, capture_output=True, text=True, check=True,
     ).stdout.strip()
-
-
-def once(tree: Path, work: Path, seconds: float, concurrency: int) -> dict[str, Any]:
-    data = Path(tempfile.mkdtemp(prefix="compare-", dir=work))
-    port, admin = freePort(), freePort()
-    (data / "config.yaml").write_text(config(port, admin, data / "var", 2, False))
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    try:
-        return measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds, 1024, 0, data, env)
-    finally:
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def summary(before: str, after: str, results: dict[str, list[dict[str, Any]]]) -> str:
@@ -119,7 +108,8 @@ def main() -> None:
         for round in range(args.rounds):
             order = [args.before, args.after] if round % 2 == 0 else [args.after, args.before]
             for revision in order:
-                result = once(trees[revision], work, args.seconds, args.concurrency)
+                env = dict(os.environ, PYTHONPATH=str(trees[revision]))
+                result = server(work, args.concurrency, 1024, 2, False, args.seconds, env)
                 results[revision].append(result)
                 print(f"round {round + 1} {revision}: {result['rps']:.0f} req/s, p99 {result['p99']:.1f} ms,"
                       f" CPU {result['cpu_ms']:.2f} ms/req, non-2xx {result['non2xx']}", flush=True)

@@ -168,6 +168,22 @@ def measure(command: list[str], port: int, concurrency: int, seconds: float, bod
         process.wait()
 
 
+def server(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float,
+           env: dict[str, str] | None = None) -> dict[str, Any]:
+    """
+    Measure the server (C{twist apicontainer}, with C{env}) on the config
+    of a case, in a data directory of its own under C{work}.
+    """
+    data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
+    port, admin = freePort(), freePort()
+    (data / "config.yaml").write_text(config(port, admin, data / "var", stashes, failing))
+    try:
+        return measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds,
+                       body, 10 if failing else 0, data, env)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float, baselines: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
     key = (concurrency, body)
     if key not in baselines:
@@ -184,11 +200,7 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
             line += (f"; {floor} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
                      f" p99 {result['p99']:.2f} ms ({result['p99'] / baselines[key]['p99']:.1f}x), CPU {result['cpu_ms']:.2f} ms/req")
         print(line, flush=True)
-    data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
-    port, admin = freePort(), freePort()
-    (data / "config.yaml").write_text(config(port, admin, data / "var", stashes, failing))
-    result = measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds, body, 10 if failing else 0, data)
-    shutil.rmtree(data, ignore_errors=True)
+    result = server(work, concurrency, body, stashes, failing, seconds)
     base = baselines[key]
     return {
         "concurrency": concurrency, "body": body, "stashes": stashes, "failing": "10%" if failing else "0%",
