@@ -136,12 +136,11 @@ class LimitedChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
-        self._disarm()
+        self._due = None
         self._inRequest = False
         super().allContentReceived()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._disarm()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
@@ -166,9 +165,6 @@ class LimitedChannel(HTTPChannel):
                 return
             deadline.cancel()
         self._deadline = self.callLater(seconds, self._check)
-
-    def _disarm(self) -> None:
-        self._due = None
 
     def _check(self) -> None:
         self._deadline = None
