@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 
 from . import crashpoints
 from .compactjson import compact
-from .durable import makeDirectories
+from .durable import makeDirectories, writeAll
 from .uow import SpooledBody, UnitOfWork
 
 _SIZES = struct.Struct(">II")
@@ -221,9 +221,7 @@ def writeOut(data: bytes) -> None:
     """
     Write all of C{data} to standard output (in the child).
     """
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
+    writeAll(1, [data])
 
 
 def readIn() -> bytes:

@@ -73,7 +73,7 @@ def removeFile(path: Path) -> bool:
 _WRITE_BYTES = 1 << 20
 
 
-def _writeAll(fd: int, chunks: Iterable[bytes]) -> None:
+def writeAll(fd: int, chunks: Iterable[bytes]) -> None:
     """
     Write every chunk to C{fd}, with as few system calls as the kernel
     allows: one C{writev} for each megabyte or so of chunks (all of them,
@@ -128,7 +128,7 @@ def writeAtomically(
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            _writeAll(fd, chunks)
+            writeAll(fd, chunks)
             if sync:
                 os.fsync(fd)
         finally:
@@ -157,7 +157,7 @@ def writeFile(path: Path, chunks: Iterable[bytes], attributes: Mapping[str, byte
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            _writeAll(fd, chunks)
+            writeAll(fd, chunks)
             for name, value in attributes.items():
                 os.setxattr(fd, name, value)
         finally:
