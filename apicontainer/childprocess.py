@@ -29,6 +29,7 @@ import builtins
 import fcntl
 import json
 import os
+import select
 import signal
 import struct
 import sys
@@ -224,10 +225,17 @@ def writeOut(data: bytes) -> None:
     writeAll(1, [data])
 
 
-def readIn() -> bytes:
+def readIn(idle: Callable[[], bool] | None = None) -> bytes:
     """
     What has arrived on standard input, waiting for some (in the child).
+
+    @param idle: Called while nothing has arrived, again and again until
+        something has or it says it has nothing more to do: for work that
+        no answer waits on.
     """
+    if idle is not None:
+        while not select.select([0], [], [], 0)[0] and idle():
+            pass
     return os.read(0, 1 << 20)
 
 

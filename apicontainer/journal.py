@@ -14,7 +14,8 @@ of C{DATA_DIR} as the server does and answers two calls:
 
 It runs the calls that reached it while it was busy as one batch: the spool
 files with one C{syncfs}, the final states in one transaction, the removals
-after the commit (group commit). In a process of its own that work waits for
+after the commit (group commit). A removed file goes to C{spares/} with its
+bytes, which are emptied once the batch is answered, while no call waits. In a process of its own that work waits for
 no thread of the server to give up Python's GIL, and the server's reactor
 gets the CPU it took (measured: BENCHMARKS.md). Only the child keeps spare
 spool files (C{spares/}); the server keeps its own connection to the state
@@ -54,6 +55,7 @@ from .childprocess import (
     decodeUOW,
     encodeUOW,
     frame,
+    readIn,
     refusal,
     refused,
     serve,
@@ -96,15 +98,16 @@ class Journal(Protocol):
         """
 
 
-def removeSpoolFile(spool: Spool, uowId: int) -> Exception | None:
+def removeSpoolFile(spool: Spool, uowId: int, empty: bool = True) -> Exception | None:
     """
     Remove the spool file of a UOW whose final state is durable (blocking).
 
+    @param empty: L{Spool.remove}'s.
     @return: The error, if it could not be removed (not raised).
     """
     reach("before-spool-delete")
     try:
-        spool.remove(uowId)
+        spool.remove(uowId, empty)
     except Exception as e:
         return e
     return None
@@ -166,7 +169,8 @@ def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[byte
                 operation: Operation = (spool._write, (decodeUOW(head["uow"], body),))
             elif op == "state":
                 record = _record(head["record"])
-                then = partial(removeSpoolFile, spool, record.uow) if head["remove"] else None
+                # Emptied once the answers are out (main).
+                then = partial(removeSpoolFile, spool, record.uow, False) if head["remove"] else None
                 operation = (states._insert, (record, then))
             else:
                 raise ValueError(f"unknown call {op!r}")
@@ -198,7 +202,9 @@ def main(argv: list[str]) -> None:
         states.open()
 
     if becomeChild(data / ".journal.lock", open):
-        serve(partial(_answers, spool, states))
+        # The removed spool files are emptied while no call waits, not
+        # before their batch's answers.
+        serve(partial(_answers, spool, states), partial(readIn, spool.emptySpare))
 
 
 # The server's side.

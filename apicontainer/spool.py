@@ -16,8 +16,13 @@ checks is moved to C{quarantine/} and never replayed.
 
 Creating a file is the costliest system call a write makes on some disks
 (more than its write and its share of the sync), so a deleted spool file is
-emptied and kept in C{spares/} beside the spool, up to L{SPARES} of them,
-and the next write goes through one of those instead of a new file.
+moved to C{spares/} beside the spool, emptied, and kept there, up to
+L{SPARES} of them, and the next write goes through one of those instead of
+a new file. Emptying a file is the costliest step of its removal (its blocks
+are freed), so the journal, which removes the files of whole batches, moves
+them first and empties them once it has answered and has nothing else to
+do; a write takes only emptied spares, and a start empties any that a crash
+left holding a request's bytes.
 """
 
 from __future__ import annotations
@@ -206,6 +211,8 @@ class Spool:
         # Taken by writes and given back by deletions, which may run in
         # different threads: a deque's append and popleft are atomic.
         self._spares: deque[Path] = deque()
+        # Moved out of the spool by a removal, not emptied yet (emptySpare).
+        self._unemptied: deque[Path] = deque()
 
     def open(self, clean: bool = True) -> None:
         """
@@ -220,7 +227,12 @@ class Spool:
             removeTemporaries(self.directory)
         if self.sparesDirectory is not None:
             makeDirectories(self.sparesDirectory)
-            self._spares = deque(self.sparesDirectory.iterdir())
+            self._spares = deque()
+            for entry in os.scandir(self.sparesDirectory):
+                if entry.stat().st_size:
+                    self._empty(Path(entry.path))  # a crash left a request's bytes in it
+                else:
+                    self._spares.append(Path(entry.path))
 
     def hasRoom(self, size: int, reserve: int) -> bool:
         """
@@ -323,24 +335,50 @@ class Spool:
         """
         return self._deletions.submit(self.remove, uowId)
 
-    def remove(self, uowId: int) -> bool:
+    def remove(self, uowId: int, empty: bool = True) -> bool:
         """
         L{delete}'s blocking call, for a caller already in a thread.
+
+        @param empty: Whether to empty the file now. If not, it is out of
+            the spool but keeps its bytes, and no write takes it, until
+            L{emptySpare} empties it.
         """
         path = self.path(uowId)
-        if self.sparesDirectory is None or len(self._spares) >= SPARES:
+        if self.sparesDirectory is None or len(self._spares) + len(self._unemptied) >= SPARES:
             return removeFile(path)
         spare = self.sparesDirectory / str(uowId)  # ids are never reused
         try:
-            os.truncate(path, 0)  # the request's bytes do not stay behind
-        except FileNotFoundError:
-            return False
-        try:
             os.rename(path, spare)
         except OSError:
-            return removeFile(path)  # the spares folder is gone, or on another file system
-        self._spares.append(spare)
+            # It is gone; or the spares folder is, or is on another file system.
+            return removeFile(path)
+        if empty:
+            self._empty(spare)
+        else:
+            self._unemptied.append(spare)
         return True
+
+    def emptySpare(self) -> bool:
+        """
+        Empty the oldest file that L{remove} left holding its bytes, and let
+        writes take it (blocking).
+
+        @return: Whether there was one.
+        """
+        try:
+            spare = self._unemptied.popleft()
+        except IndexError:
+            return False
+        self._empty(spare)
+        return True
+
+    def _empty(self, spare: Path) -> None:
+        try:
+            os.truncate(spare, 0)  # the request's bytes do not stay behind
+        except OSError:
+            removeFile(spare)
+            return
+        self._spares.append(spare)
 
     def quarantine(self, uowId: int) -> Deferred[Path]:
         """

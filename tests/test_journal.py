@@ -19,6 +19,7 @@ import pytest_twisted
 from attrs import evolve
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from apicontainer.blocking import inline
 from apicontainer.childprocess import frames, refused
@@ -72,7 +73,8 @@ async def test_writeThenSettle(server: Server) -> None:
     """
     Spool writes made together are all durable and read back whole, keys
     included; settling them records each final state and removes each spool
-    file, which the child keeps as a spare that the next write reuses.
+    file, which the child keeps as a spare, empties once it has answered,
+    and reuses for the next write.
     """
     await server.journal.start()
     try:
@@ -85,6 +87,12 @@ async def test_writeThenSettle(server: Server) -> None:
         assert removals == [None] * 40
         assert server.spooled() == []
         assert server.spares() == 40
+        spares = list((server.data / "spares").iterdir())
+        for _ in range(500):  # 10 s
+            if not any(spare.stat().st_size for spare in spares):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert [spare.stat().st_size for spare in spares] == [0] * 40
         for uow in uows:
             assert await server.states.get(uow.id) == stored(uow)
         assert await server.states.lastStored("/items/7") == 7

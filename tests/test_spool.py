@@ -259,6 +259,58 @@ class SpareTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.base / "spares"), [])
         self.assertEqual(spool.pending(), [2])
 
+    def test_emptiedLater(self) -> None:
+        """
+        A file removed without being emptied is out of the spool but holds
+        its bytes, and no write takes it, until L{Spool.emptySpare} empties
+        it; then the next write does.
+        """
+        for uowId in (1, 2):
+            self.successResultOf(self.spool.write(sample(uowId)))
+        written = self.spool.path(1).read_bytes()
+        self.assertTrue(self.spool.remove(1, empty=False))
+        spare = self.base / "spares" / "1"
+        self.assertEqual((self.spool.pending(), spare.read_bytes()), ([2], written))
+        with filesCreated() as created:
+            self.successResultOf(self.spool.write(sample(3)))
+        self.assertEqual(len(created), 1)
+        self.assertEqual(spare.read_bytes(), written)
+        self.assertTrue(self.spool.emptySpare())
+        self.assertFalse(self.spool.emptySpare())
+        self.assertEqual(spare.stat().st_size, 0)
+        with filesCreated() as created:
+            self.successResultOf(self.spool.write(sample(4)))
+        self.assertEqual((created, os.listdir(self.base / "spares")), ([], []))
+        self.assertEqual(self.spool.pending(), [2, 3, 4])
+
+    def test_aStartEmptiesWhatACrashLeft(self) -> None:
+        """
+        Spares that a crash left holding a request's bytes are emptied when
+        the spool is opened, and are taken by writes.
+        """
+        for uowId in (1, 2):
+            self.successResultOf(self.spool.write(sample(uowId)))
+            self.assertTrue(self.spool.remove(uowId, empty=False))
+        spool = Spool(self.base / "spool", self.base / "quarantine", inline, self.base / "spares")
+        spool.open()
+        self.assertEqual(sorted((p.name, p.stat().st_size) for p in (self.base / "spares").iterdir()), [("1", 0), ("2", 0)])
+        with filesCreated() as created:
+            self.successResultOf(spool.write(sample(3)))
+        self.assertEqual(created, [])
+
+    def test_unemptiedCountTowardsTheBound(self) -> None:
+        """
+        Files waiting to be emptied count towards L{SPARES}.
+        """
+        from apicontainer import spool as spoolModule
+
+        for uowId in (1, 2):
+            self.successResultOf(self.spool.write(sample(uowId)))
+        with mock.patch.object(spoolModule, "SPARES", 1):
+            for uowId in (1, 2):
+                self.assertTrue(self.spool.remove(uowId, empty=False))
+        self.assertEqual((os.listdir(self.spool.directory), os.listdir(self.base / "spares")), ([], ["1"]))
+
     def test_noSparesFolder(self) -> None:
         """
         When the spares folder is gone, with its spares, a write creates a
