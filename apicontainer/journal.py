@@ -205,6 +205,8 @@ def main(argv: list[str]) -> None:
         # The removed spool files are emptied while no call waits, not
         # before their batch's answers.
         serve(partial(_answers, spool, states), partial(readIn, spool.emptySpare))
+        while spool.emptySpare():  # the server has stopped: none is left holding bytes
+            pass
 
 
 # The server's side.

@@ -50,6 +50,8 @@ class Result:
     @ivar unexpected: Keys present that no client sent, or with a body no
         client sent.
     @ivar unsettled: Writes told queued that never landed.
+    @ivar unemptied: Files in C{spares/} that still held a request's bytes
+        once the server had stopped.
     """
 
     cycles: int
@@ -58,11 +60,12 @@ class Result:
     partial: list[str] = field(factory=list)
     unexpected: list[str] = field(factory=list)
     unsettled: list[str] = field(factory=list)
+    unemptied: list[str] = field(factory=list)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.partial or self.unexpected or self.unsettled)
+        return not (self.lost or self.partial or self.unexpected or self.unsettled or self.unemptied)
 
     def line(self) -> str:
         requests = sum(self.told.values())
@@ -71,6 +74,7 @@ class Result:
             f" queued={self.told['queued']} refused={self.told['refused']}"
             f" unknown={self.told['unknown']} lost={len(self.lost)} partial={len(self.partial)}"
             f" unexpected={len(self.unexpected)} unsettled={len(self.unsettled)}"
+            f" unemptied={len(self.unemptied)}"
             f" seconds={self.seconds:.0f}"
         )
 
@@ -183,6 +187,8 @@ def run(
     result = Result(
         cycles=cycles, told=Counter(write.answer for write in told.values()), seconds=time.monotonic() - started
     )
+    spares = server.dataDir / "spares"
+    result.unemptied = sorted(p.name for p in spares.iterdir() if p.stat().st_size) if spares.exists() else []
     check(result, told, records, files, keys)
     return result
 

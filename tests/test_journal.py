@@ -105,6 +105,22 @@ async def test_writeThenSettle(server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_aStopEmptiesTheSpares(server: Server) -> None:
+    """
+    A child told to stop right after its last removals empties their
+    files before it ends.
+    """
+    await server.journal.start()
+    uows = [sample(n) for n in range(1, 21)]
+    await gatherResults([server.journal.write(uow) for uow in uows])
+    settled = gatherResults([server.journal.settle(stored(uow), removeSpool=True) for uow in uows])
+    await server.journal.stop()
+    assert await settled == [None] * 20
+    spares = list((server.data / "spares").iterdir())
+    assert (len(spares), [spare.stat().st_size for spare in spares]) == (20, [0] * 20)
+
+
+@pytest_twisted.ensureDeferred
 async def test_settleWithoutRemoval(server: Server) -> None:
     """
     A final state settled without removal (a fail queue entry is dropped
