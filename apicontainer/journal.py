@@ -14,12 +14,12 @@ of C{DATA_DIR} as the server does and answers two calls:
 
 It runs the calls that reached it while it was busy as one batch: the spool
 files with one C{syncfs}, the final states in one transaction, the removals
-after the commit (group commit). A removed file goes to C{spares/} with its
-bytes, which are emptied once the batch is answered, while no call waits. In a process of its own that work waits for
-no thread of the server to give up Python's GIL, and the server's reactor
-gets the CPU it took (measured: BENCHMARKS.md). Only the child keeps spare
-spool files (C{spares/}); the server keeps its own connection to the state
-store, for reads.
+after the commit (group commit). In a process of its own that work waits
+for no thread of the server to give up Python's GIL, and the server's
+reactor gets the CPU it took (measured: BENCHMARKS.md). Only the child keeps
+spare spool files (C{spares/}): a removed file goes there with its bytes,
+which it empties once the batch is answered and no call waits. The server
+keeps its own connection to the state store, for reads.
 
 The child holds an exclusive lock on C{DATA_DIR/.journal.lock} for its
 whole life, and says it is ready only once it has it: so a server restarted

@@ -293,7 +293,8 @@ class SpareTests(SynchronousTestCase):
             self.assertTrue(self.spool.remove(uowId, empty=False))
         spool = Spool(self.base / "spool", self.base / "quarantine", inline, self.base / "spares")
         spool.open()
-        self.assertEqual(sorted((p.name, p.stat().st_size) for p in (self.base / "spares").iterdir()), [("1", 0), ("2", 0)])
+        spares = sorted((p.name, p.stat().st_size) for p in (self.base / "spares").iterdir())
+        self.assertEqual(spares, [("1", 0), ("2", 0)])
         with filesCreated() as created:
             self.successResultOf(spool.write(sample(3)))
         self.assertEqual(created, [])
