@@ -70,7 +70,7 @@ class OutcomeTests(PipelineTestCase):
         """
         h = self.build(MemoryStash("a"))
 
-        def remove(uowId: int) -> bool:
+        def remove(uowId: int, empty: bool = True) -> bool:
             raise PermissionError("read-only spool")
 
         h.container.spool.remove = remove  # type: ignore[method-assign]
