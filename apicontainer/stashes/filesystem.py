@@ -13,13 +13,19 @@ Layout, for the key C{/items/42}::
                                of one batch, a JSON line each, until each of
                                them commits or rolls back
     root/.rolledback/17        marker: UOW 17 was rolled back
+    root/.spares/...           empty files made while the stash is idle, each
+                               taken (renamed) by a later version or journal
 
 Where the file system takes no user extended attributes, C{42.doc} is a
 symlink to the version instead, and the content type is in the file
 C{42.v17.type} beside it; a deletion writes no version, and its symlink
 points at a C{.d17} name that does not exist. Either form is read wherever
 it is found. The hard link exists because creating a file (or a symlink) is
-the costliest system call a write makes here, and a link creates none.
+the costliest system call a write makes here, and a link creates none. For
+the same reason the stash's process makes empty files in C{.spares/} while
+no call waits (L{FilesystemStash.prepareSpare}), up to L{SPARES}, and a
+version or a journal takes one of those, renamed into place, instead of a
+new file; with none left, it creates its file as before.
 
 Each key segment is percent-encoded (every byte but letters, digits, C{-}
 and C{_}), so a segment is never C{.} or C{..}, never contains C{/}, and
@@ -96,6 +102,7 @@ _CONTENT_TYPE = "user.content_type"
 _UOW = "user.uow"
 _JOURNAL = re.compile(r"^batch-(?P<seq>[0-9]+)\.jsonl$")
 _MAX_SEGMENT = 120
+SPARES = 64
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
 
 
@@ -202,6 +209,8 @@ class FilesystemStash:
         self._blocking = blocking
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
+        self._sparesDirectory = root / ".spares"
+        self._spares: list[Path] = []
         self._group = GroupCommit(blocking, self._runBatch)
         self._swaps: list[tuple[Path, str, bool, int, int]] = []
         self._commits: list[tuple[UnitOfWork, int]] = []
@@ -256,6 +265,10 @@ class FilesystemStash:
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
         self._attributes = _takesAttributes(self._undo)
+        try:
+            self._spares = [Path(entry.path) for entry in os.scandir(self._sparesDirectory)]
+        except FileNotFoundError:
+            self._spares = []
         self._rolledBackAttempts = {
             int(path.name): int(path.read_text("ascii"))
             for path in self._rolledBack.iterdir()
@@ -356,6 +369,7 @@ class FilesystemStash:
         if not uowIds:
             return
         path = self._nextJournal()
+        self._fromSpare(path)
         writeFile(path, [b"".join(_journalLine(uowId, self._undos[uowId]) for uowId in uowIds)])
         for uowId in uowIds:
             self._settle(uowId, self._undos[uowId], path)
@@ -504,6 +518,37 @@ class FilesystemStash:
         self._swapLater(pointer, target, linked, uow)
         return Verdict.stored(status=200)
 
+    def prepareSpare(self) -> bool:
+        """
+        Make one empty file in C{.spares/} for a later version or journal
+        to take, if fewer than L{SPARES} wait there (blocking; the stash's
+        process calls it while no call waits).
+
+        @return: Whether it made one.
+        """
+        if len(self._spares) >= SPARES:
+            return False
+        path = self._sparesDirectory / os.urandom(8).hex()
+        try:
+            self._ensureDirectory(self._sparesDirectory)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        except OSError:
+            self._directories.discard(self._sparesDirectory)
+            return False
+        self._spares.append(path)
+        return True
+
+    def _fromSpare(self, path: Path) -> None:
+        """
+        Give C{path} the inode of a spare, if one waits, so that writing it
+        creates no file (a write that finds none creates its file).
+        """
+        if self._spares:
+            try:
+                os.rename(self._spares.pop(), path)
+            except OSError:
+                pass
+
     def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> bool:
         """
         Write C{uow}'s body as the version file C{target} beside C{pointer}
@@ -523,6 +568,7 @@ class FilesystemStash:
             if contentType:
                 attributes[_CONTENT_TYPE] = contentType.encode("utf-8")
             try:
+                self._fromSpare(version)
                 writeFile(version, [] if deletion else uow.bodyChunks(), attributes)
                 return True
             except OSError as e:
@@ -531,6 +577,7 @@ class FilesystemStash:
                 self._attributes = False
         if deletion:
             return False
+        self._fromSpare(version)
         writeFile(version, uow.bodyChunks())
         if contentType:
             writeFile(version.with_name(target + ".type"), [contentType.encode("utf-8")])
