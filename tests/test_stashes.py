@@ -337,6 +337,20 @@ class FilesystemStashTests(SynchronousTestCase):
         self.assertEqual(created, ["batch-1.jsonl"])
         self.assertEqual(os.listdir(self.root / ".spares"), [])
 
+    def test_onlyEmptyFilesAreSpares(self) -> None:
+        """
+        A start takes only the empty files of C{.spares/} as spares (a
+        version written through one is not truncated first), and removes
+        any other.
+        """
+        self.stash.prepareSpare()
+        (self.root / ".spares" / "stray").write_bytes(b"not a spare")
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        self.assertEqual(len(os.listdir(self.root / ".spares")), 1)
+        self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hi")))
+        self.assertEqual((self.root / "items" / "42.v7").read_bytes(), b"hi")
+
     def test_aDeletionWithoutAttributesTakesNoSpare(self) -> None:
         """
         Where the document is a symlink, a deletion writes no version, and

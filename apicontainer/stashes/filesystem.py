@@ -266,9 +266,14 @@ class FilesystemStash:
         removeTemporaries(self._rolledBack)
         self._attributes = _takesAttributes(self._undo)
         try:
-            self._spares = [Path(entry.path) for entry in os.scandir(self._sparesDirectory)]
+            entries = list(os.scandir(self._sparesDirectory))
         except FileNotFoundError:
-            self._spares = []
+            entries = []
+        # Only ever empty; anything else there is not one (and goes).
+        self._spares = [Path(entry.path) for entry in entries if entry.stat().st_size == 0]
+        for entry in entries:
+            if entry.stat().st_size:
+                removeFile(Path(entry.path))
         self._rolledBackAttempts = {
             int(path.name): int(path.read_text("ascii"))
             for path in self._rolledBack.iterdir()
@@ -369,8 +374,8 @@ class FilesystemStash:
         if not uowIds:
             return
         path = self._nextJournal()
-        self._fromSpare(path)
-        writeFile(path, [b"".join(_journalLine(uowId, self._undos[uowId]) for uowId in uowIds)])
+        lines = b"".join(_journalLine(uowId, self._undos[uowId]) for uowId in uowIds)
+        writeFile(path, [lines], empty=self._fromSpare(path))
         for uowId in uowIds:
             self._settle(uowId, self._undos[uowId], path)
 
@@ -538,16 +543,20 @@ class FilesystemStash:
         self._spares.append(path)
         return True
 
-    def _fromSpare(self, path: Path) -> None:
+    def _fromSpare(self, path: Path) -> bool:
         """
         Give C{path} the inode of a spare, if one waits, so that writing it
         creates no file (a write that finds none creates its file).
+
+        @return: Whether C{path} is now an empty spare.
         """
         if self._spares:
             try:
                 os.rename(self._spares.pop(), path)
+                return True
             except OSError:
                 pass
+        return False
 
     def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> bool:
         """
@@ -568,8 +577,8 @@ class FilesystemStash:
             if contentType:
                 attributes[_CONTENT_TYPE] = contentType.encode("utf-8")
             try:
-                self._fromSpare(version)
-                writeFile(version, [] if deletion else uow.bodyChunks(), attributes)
+                empty = self._fromSpare(version)
+                writeFile(version, [] if deletion else uow.bodyChunks(), attributes, empty)
                 return True
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -577,8 +586,7 @@ class FilesystemStash:
                 self._attributes = False
         if deletion:
             return False
-        self._fromSpare(version)
-        writeFile(version, uow.bodyChunks())
+        writeFile(version, uow.bodyChunks(), empty=self._fromSpare(version))
         if contentType:
             writeFile(version.with_name(target + ".type"), [contentType.encode("utf-8")])
         return False
