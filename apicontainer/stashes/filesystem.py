@@ -265,15 +265,16 @@ class FilesystemStash:
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
         self._attributes = _takesAttributes(self._undo)
+        self._spares = []
         try:
             entries = list(os.scandir(self._sparesDirectory))
         except FileNotFoundError:
             entries = []
-        # Only ever empty; anything else there is not one (and goes).
-        self._spares = [Path(entry.path) for entry in entries if entry.stat().st_size == 0]
         for entry in entries:
             if entry.stat().st_size:
-                removeFile(Path(entry.path))
+                removeFile(Path(entry.path))  # not one of ours: a spare is always empty
+            else:
+                self._spares.append(Path(entry.path))
         self._rolledBackAttempts = {
             int(path.name): int(path.read_text("ascii"))
             for path in self._rolledBack.iterdir()
