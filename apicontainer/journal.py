@@ -170,7 +170,7 @@ def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[byte
             elif op == "state":
                 record = _record(head["record"])
                 # Emptied once the answers are out (main).
-                then = partial(removeSpoolFile, spool, record.uow, False) if head["remove"] else None
+                then = partial(removeSpoolFile, spool, record.uow, empty=False) if head["remove"] else None
                 operation = (states._insert, (record, then))
             else:
                 raise ValueError(f"unknown call {op!r}")

@@ -47,16 +47,22 @@ def checkout(revision: str, into: Path) -> Path:
     return target
 
 
+def environment(tree: Path) -> dict[str, str]:
+    """
+    The environment of a server that runs C{tree}'s package.
+    """
+    return dict(os.environ, PYTHONPATH=str(tree))
+
+
 def runs(tree: Path, cwd: Path) -> str:
     """
-    Where a server started as L{bench.run.server} starts it, with C{tree} first on the
-    path, imports C{apicontainer} from: the check that a round measures the
-    revision it names.
+    Where a server started as L{bench.run.server} starts it, with
+    L{environment}, imports C{apicontainer} from: the check that a round
+    measures the revision it names.
     """
-    env = dict(os.environ, PYTHONPATH=str(tree))
     return subprocess.run(
         [sys.executable, "-c", "import apicontainer; print(apicontainer.__file__)"],
-        env=env, cwd=cwd, capture_output=True, text=True, check=True,
+        env=environment(tree), cwd=cwd, capture_output=True, text=True, check=True,
     ).stdout.strip()
 
 
@@ -108,8 +114,7 @@ def main() -> None:
         for round in range(args.rounds):
             order = [args.before, args.after] if round % 2 == 0 else [args.after, args.before]
             for revision in order:
-                env = dict(os.environ, PYTHONPATH=str(trees[revision]))
-                result = server(work, args.concurrency, 1024, 2, False, args.seconds, env)
+                result = server(work, args.concurrency, 1024, 2, False, args.seconds, environment(trees[revision]))
                 results[revision].append(result)
                 print(f"round {round + 1} {revision}: {result['rps']:.0f} req/s, p99 {result['p99']:.1f} ms,"
                       f" CPU {result['cpu_ms']:.2f} ms/req, non-2xx {result['non2xx']}", flush=True)
