@@ -73,24 +73,28 @@ def removeFile(path: Path) -> bool:
 _WRITE_BYTES = 1 << 20
 
 
-def writeAll(fd: int, chunks: Iterable[bytes]) -> None:
+def writeAll(fd: int, chunks: Iterable[bytes]) -> int:
     """
     Write every chunk to C{fd}, with as few system calls as the kernel
     allows: one C{writev} for each megabyte or so of chunks (all of them,
     for a small file), more only after a short write. Chunks are taken from
     C{chunks} as they are written, so that a stream of them is never held
     whole.
+
+    @return: How many bytes were written.
     """
     views: list[memoryview] = []
-    size = 0
+    size = written = 0
     for chunk in chunks:
         if len(chunk):
             views.append(memoryview(chunk))
             size += len(chunk)
         if size >= _WRITE_BYTES:
             _writev(fd, views)
+            written += size
             views, size = [], 0
     _writev(fd, views)
+    return written + size
 
 
 def _writev(fd: int, views: list[memoryview]) -> None:
@@ -121,14 +125,16 @@ def writeAtomically(
         the caller makes it durable with L{syncFilesystem} before relying on
         it, together with the other files of its batch.
     @param temporary: The file to write through, on C{path}'s file system;
-        an existing one is truncated and reused, which is cheaper than
-        creating one. By default C{.tmp-NAME} beside C{path}.
+        an existing one is written over and then cut to the new length,
+        which is cheaper than creating one (and, when it is no shorter than
+        the new content, than truncating it first: it keeps its blocks). By
+        default C{.tmp-NAME} beside C{path}.
     """
     temporary = temporary or path.with_name(f".tmp-{path.name}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT, 0o640)
     try:
         try:
-            writeAll(fd, chunks)
+            os.ftruncate(fd, writeAll(fd, chunks))
             if sync:
                 os.fsync(fd)
         finally:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from attrs import define, field
 
-from .conftest import DEFAULT, RunningServer
+from .conftest import DEFAULT, RunningServer, holdsBytes
 
 CONFIG = DEFAULT + "failqueue: {{retry: {{initial_s: 0.2, factor: 1, max_delay_s: 0.2, max_attempts: 1000}}}}\n"
 
@@ -188,7 +188,7 @@ def run(
         cycles=cycles, told=Counter(write.answer for write in told.values()), seconds=time.monotonic() - started
     )
     spares = server.dataDir / "spares"
-    result.unemptied = sorted(p.name for p in spares.iterdir() if p.stat().st_size) if spares.exists() else []
+    result.unemptied = sorted(p.name for p in spares.iterdir() if holdsBytes(p)) if spares.exists() else []
     check(result, told, records, files, keys)
     return result
 

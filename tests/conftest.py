@@ -40,6 +40,14 @@ def filesCreated() -> Iterator[list[str]]:
         yield created
 
 
+def holdsBytes(path: Path) -> bool:
+    """
+    Whether C{path} holds anything but zeros: an emptied spool spare holds
+    only zeros, where a request's bytes were.
+    """
+    return bool(path.read_bytes().strip(b"\0"))
+
+
 def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

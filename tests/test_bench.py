@@ -86,6 +86,24 @@ def test_timers() -> None:
         assert " us per request (" in line and "x no timeout" in line, line
 
 
+def test_spares(tmp_path: Path) -> None:
+    """
+    `python -m bench.spares` times both ways of emptying and reusing a
+    spare, in a folder of the one it is given that it removes afterwards.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.spares", "--files", "5", "--rounds", "1", "--dir", str(tmp_path)],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for kind in ("truncate", "zero"):
+        [line] = [line for line in lines if line.startswith(f"round 1 {kind}")]
+        assert " us a file (CPU)" in line, line
+    assert lines[-1].startswith("median CPU a file, both steps: truncate "), lines[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compare() -> None:
     """
     `python -m bench.compare BEFORE AFTER` runs each revision's own package

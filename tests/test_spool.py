@@ -22,7 +22,7 @@ from apicontainer.spool import CorruptSpoolFile, Spool, SpoolError, SpoolFull, d
 from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, UnitOfWork, Verdict
 from apicontainer.uowids import UOWIds
 
-from .conftest import filesCreated
+from .conftest import filesCreated, holdsBytes
 
 
 def sample(uowId: int = 7, body: bytes = b'{"a": 1}') -> UnitOfWork:
@@ -214,23 +214,30 @@ class SpareTests(SynchronousTestCase):
 
     def test_deletedFileIsReused(self) -> None:
         """
-        A deleted spool file is emptied and moved to the spares; the next
-        write goes through it (the same inode), without creating a file,
+        A deleted spool file is moved to the spares and emptied: zeros
+        overwrite its bytes in place. Once a write's sync has covered that,
+        a write goes through it (the same inode), without creating a file,
         and holds exactly the new UOW.
         """
         self.successResultOf(self.spool.write(sample(1, body=b"a much longer body than the next one")))
         inode = self.spool.path(1).stat().st_ino
+        size = self.spool.path(1).stat().st_size
         self.assertTrue(self.successResultOf(self.spool.delete(1)))
         self.assertEqual(os.listdir(self.spool.directory), [])
         spare = self.base / "spares" / "1"
-        self.assertEqual((os.listdir(self.base / "spares"), spare.stat().st_size), (["1"], 0))
+        self.assertEqual(
+            (os.listdir(self.base / "spares"), spare.read_bytes()), (["1"], bytes(size))
+        )
         with filesCreated() as created:
-            self.successResultOf(self.spool.write(sample(2, body=b"short")))
+            self.successResultOf(self.spool.write(sample(2)))
+        self.assertEqual((len(created), os.listdir(self.base / "spares")), (1, ["1"]))
+        with filesCreated() as created:
+            self.successResultOf(self.spool.write(sample(3, body=b"short")))
         self.assertEqual(created, [])
-        self.assertEqual(self.spool.path(2).stat().st_ino, inode)
+        self.assertEqual(self.spool.path(3).stat().st_ino, inode)
         self.assertEqual(os.listdir(self.base / "spares"), [])
-        self.assertEqual(self.successResultOf(self.spool.load(2)), sample(2, body=b"short"))
-        self.assertFalse(self.successResultOf(self.spool.delete(3)))
+        self.assertEqual(self.successResultOf(self.spool.load(3)), sample(3, body=b"short"))
+        self.assertFalse(self.successResultOf(self.spool.delete(4)))
 
     def test_sparesAreBounded(self) -> None:
         """
@@ -262,8 +269,8 @@ class SpareTests(SynchronousTestCase):
     def test_emptiedLater(self) -> None:
         """
         A file removed without being emptied is out of the spool but holds
-        its bytes, and no write takes it, until L{Spool.emptySpare} empties
-        it; then the next write does.
+        its bytes, and no write takes it until L{Spool.emptySpare} has
+        emptied it and a write's sync has covered that.
         """
         for uowId in (1, 2):
             self.successResultOf(self.spool.write(sample(uowId)))
@@ -277,27 +284,44 @@ class SpareTests(SynchronousTestCase):
         self.assertEqual(spare.read_bytes(), written)
         self.assertTrue(self.spool.emptySpare())
         self.assertFalse(self.spool.emptySpare())
-        self.assertEqual(spare.stat().st_size, 0)
+        self.assertEqual(spare.read_bytes(), bytes(len(written)))
         with filesCreated() as created:
             self.successResultOf(self.spool.write(sample(4)))
+        self.assertEqual((len(created), os.listdir(self.base / "spares")), (1, ["1"]))
+        with filesCreated() as created:
+            self.successResultOf(self.spool.write(sample(5)))
         self.assertEqual((created, os.listdir(self.base / "spares")), ([], []))
-        self.assertEqual(self.spool.pending(), [2, 3, 4])
+        self.assertEqual(self.spool.pending(), [2, 3, 4, 5])
 
     def test_aStartEmptiesWhatACrashLeft(self) -> None:
         """
-        Spares that a crash left holding a request's bytes are emptied when
-        the spool is opened, and are taken by writes.
+        Spares that a crash left holding a request's bytes are emptied, and
+        the emptying synced, when the spool is opened; writes take them.
         """
         for uowId in (1, 2):
             self.successResultOf(self.spool.write(sample(uowId)))
             self.assertTrue(self.spool.remove(uowId, empty=False))
         spool = Spool(self.base / "spool", self.base / "quarantine", inline, self.base / "spares")
         spool.open()
-        spares = sorted((p.name, p.stat().st_size) for p in (self.base / "spares").iterdir())
-        self.assertEqual(spares, [("1", 0), ("2", 0)])
+        spares = sorted((p.name, holdsBytes(p)) for p in (self.base / "spares").iterdir())
+        self.assertEqual(spares, [("1", False), ("2", False)])
         with filesCreated() as created:
             self.successResultOf(spool.write(sample(3)))
         self.assertEqual(created, [])
+
+    def test_largeSpareTruncated(self) -> None:
+        """
+        A spare larger than L{ZEROED_BYTES} is emptied by truncating it,
+        and a write through it holds exactly the new UOW.
+        """
+        from apicontainer import spool as spoolModule
+
+        self.successResultOf(self.spool.write(sample(1, body=b"x" * 100)))
+        with mock.patch.object(spoolModule, "ZEROED_BYTES", 99):
+            self.assertTrue(self.successResultOf(self.spool.delete(1)))
+        self.assertEqual((self.base / "spares" / "1").stat().st_size, 0)
+        self.successResultOf(self.spool.write(sample(2)))
+        self.assertEqual(self.successResultOf(self.spool.load(2)), sample(2))
 
     def test_unemptiedCountTowardsTheBound(self) -> None:
         """
@@ -347,6 +371,17 @@ class ShortWriteTests(SynchronousTestCase):
             durable.writeFile(path.with_name("other"), chunks)
         self.assertEqual(path.read_bytes(), b"head-the body-crc")
         self.assertEqual(path.with_name("other").read_bytes(), b"head-the body-crc")
+
+    def test_longerTemporaryCut(self) -> None:
+        """
+        A temporary file longer than the new content is written over and
+        cut to its length: the file holds the new content only.
+        """
+        path = Path(self.mktemp())
+        temporary = path.with_name("spare")
+        temporary.write_bytes(b"an older and much longer content")
+        durable.writeAtomically(path, [b"new", b" content"], sync=False, temporary=temporary)
+        self.assertEqual((path.read_bytes(), temporary.exists()), (b"new content", False))
 
     def test_streamNotHeldWhole(self) -> None:
         """
