@@ -114,7 +114,8 @@ def peakRSS(pid: int) -> int:
 
 
 def wrk(port: int, concurrency: int, seconds: float, body: int, failEvery: int) -> dict[str, float]:
-    env = dict(os.environ, BODY_BYTES=str(body), FAIL_EVERY=str(failEvery))
+    # A run of its own for the keys: the warm-up's keys are not written again.
+    env = dict(os.environ, BODY_BYTES=str(body), FAIL_EVERY=str(failEvery), RUN=os.urandom(4).hex())
     threads = max(1, min(2, concurrency))
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "30s",
@@ -173,15 +174,18 @@ def server(work: Path, concurrency: int, body: int, stashes: int, failing: bool,
     """
     Measure the server (C{twist apicontainer}, with C{env}) on the config
     of a case, in a data directory of its own under C{work}.
+
+    The data directory stays until C{work} is removed, after the last run:
+    on an ext4 file system without a journal (this machine's), creating a
+    file skips every inode freed in the last few minutes, one by one, so
+    the removal of a run's files would slow the file creations of the runs
+    after it (BENCHMARKS.md, "The machine").
     """
     data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
     port, admin = freePort(), freePort()
     (data / "config.yaml").write_text(config(port, admin, data / "var", stashes, failing))
-    try:
-        return measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds,
-                       body, 10 if failing else 0, data, env)
-    finally:
-        shutil.rmtree(data, ignore_errors=True)
+    return measure([TWIST, "apicontainer", "--config", str(data / "config.yaml")], port, concurrency, seconds,
+                   body, 10 if failing else 0, data, env)
 
 
 def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float, baselines: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
@@ -195,7 +199,6 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
             floorData = Path(tempfile.mkdtemp(prefix=f"{floor}-", dir=work))
             port = freePort()
             result = measure([sys.executable, "-m", f"bench.{floor}", str(port), str(floorData)], port, concurrency, seconds, body, 0, HERE.parent)
-            shutil.rmtree(floorData, ignore_errors=True)
             baselines[key][floor] = result
             line += (f"; {floor} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
                      f" p99 {result['p99']:.2f} ms ({result['p99'] / baselines[key]['p99']:.1f}x), CPU {result['cpu_ms']:.2f} ms/req")
@@ -227,7 +230,7 @@ def soak(minutes: float) -> None:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             waitFor(port)
-            env = dict(os.environ, BODY_BYTES="1024", FAIL_EVERY="0")
+            env = dict(os.environ, BODY_BYTES="1024", FAIL_EVERY="0", RUN=os.urandom(4).hex())
             load = subprocess.Popen(["wrk", "-t", "2", "-c", "32", "-d", f"{int(minutes * 60)}s", "-s",
                                      str(HERE / "unique.lua"), f"http://127.0.0.1:{port}/"],
                                     env=env, stdout=subprocess.PIPE, text=True)
