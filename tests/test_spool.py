@@ -220,13 +220,13 @@ class SpareTests(SynchronousTestCase):
         and holds exactly the new UOW.
         """
         self.successResultOf(self.spool.write(sample(1, body=b"a much longer body than the next one")))
-        inode = self.spool.path(1).stat().st_ino
-        size = self.spool.path(1).stat().st_size
+        written = self.spool.path(1).stat()
         self.assertTrue(self.successResultOf(self.spool.delete(1)))
         self.assertEqual(os.listdir(self.spool.directory), [])
         spare = self.base / "spares" / "1"
         self.assertEqual(
-            (os.listdir(self.base / "spares"), spare.read_bytes()), (["1"], bytes(size))
+            (os.listdir(self.base / "spares"), spare.read_bytes(), spare.stat().st_blocks),
+            (["1"], bytes(written.st_size), written.st_blocks),
         )
         with filesCreated() as created:
             self.successResultOf(self.spool.write(sample(2)))
@@ -234,7 +234,7 @@ class SpareTests(SynchronousTestCase):
         with filesCreated() as created:
             self.successResultOf(self.spool.write(sample(3, body=b"short")))
         self.assertEqual(created, [])
-        self.assertEqual(self.spool.path(3).stat().st_ino, inode)
+        self.assertEqual(self.spool.path(3).stat().st_ino, written.st_ino)
         self.assertEqual(os.listdir(self.base / "spares"), [])
         self.assertEqual(self.successResultOf(self.spool.load(3)), sample(3, body=b"short"))
         self.assertFalse(self.successResultOf(self.spool.delete(4)))
