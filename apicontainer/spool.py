@@ -64,8 +64,8 @@ _CHECKSUM = struct.Struct(">I")
 _MAX_METADATA = 1 << 20
 _SUFFIX = ".uow"
 SPARES = 256
-# The largest spare emptied by writing zeros over it; a larger one is
-# truncated, which then costs less than writing its bytes again.
+# The largest spare emptied by writing zeros over it; a larger one (a large
+# body's) is truncated rather than have all its bytes written again.
 ZEROED_BYTES = 64 * 1024
 
 
