@@ -20,7 +20,7 @@ moved to C{spares/} beside the spool, emptied, and kept there, up to
 L{SPARES} of them, and the next write goes through one of those instead of
 a new file. A spare is emptied by writing zeros over its bytes, in place, so
 that it keeps its blocks: neither its emptying nor the next write through
-it frees or allocates one, which costs a quarter of the CPU time of
+it frees or allocates one, which costs about a third of the CPU time of
 truncating it and writing it again (a spare larger than L{ZEROED_BYTES} is
 truncated instead). The journal, which removes the files of whole batches,
 moves them first and empties them once it has answered and has nothing else

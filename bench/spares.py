@@ -9,13 +9,14 @@ CPU clock, per file, for files of a 1 KiB request's spool frame, in a
 folder of C{DIR} (by default the current folder: put it on the disk whose
 cost you want to know):
 
-  - C{truncate}: the spare is truncated to nothing, and the write opens it
-    with C{O_TRUNC} and writes the new frame (its block is freed, then a
-    new one allocated);
+  - C{truncate}: as the spool did before: the spare is truncated to
+    nothing, and the write opens it with C{O_TRUNC}, writes the new frame
+    and renames it into place (its block is freed, then a new one
+    allocated);
   - C{zero}: as the spool does it: zeros are written over the spare's
-    bytes in place (L{apicontainer.spool.emptyFile}), and the write goes
-    over them and cuts the file to the new frame's length, as
-    L{apicontainer.durable.writeAtomically} does with a spare (it keeps its
+    bytes in place (L{apicontainer.spool.emptyFile}), and
+    L{apicontainer.durable.writeAtomically} writes through it: over them,
+    cut to the new frame's length, renamed into place (it keeps its
     block).
 
 The two alternate, C{--rounds} times each, on fresh files; each step ends
@@ -32,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from apicontainer.durable import syncFilesystem, writeAll
+from apicontainer.durable import syncFilesystem, writeAll, writeAtomically
 from apicontainer.spool import emptyFile
 
 FRAME = 1200  # bytes: the spool frame of a request with a 1 KiB body
@@ -48,24 +49,15 @@ def _files(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _truncate(path: Path) -> None:
-    os.truncate(path, 0)
-
-
-def _rewriteTruncated(path: Path, frame: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+def _writeTruncating(path: Path, frame: bytes, temporary: Path) -> None:
+    # What durable.writeAtomically (sync=False) did before spares were
+    # zeroed: the temporary opened with O_TRUNC, written, renamed.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         writeAll(fd, [frame])
     finally:
         os.close(fd)
-
-
-def _rewriteInPlace(path: Path, frame: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
-    try:
-        os.ftruncate(fd, writeAll(fd, [frame]))
-    finally:
-        os.close(fd)
+    os.rename(temporary, path)
 
 
 def measure(kind: str, folder: Path, count: int) -> dict[str, float]:
@@ -78,25 +70,26 @@ def measure(kind: str, folder: Path, count: int) -> dict[str, float]:
     started = time.process_time()
     for path in paths:
         if kind == "truncate":
-            _truncate(path)
+            os.truncate(path, 0)
         else:
             emptyFile(path)
     emptied = time.process_time()
     wall = time.perf_counter()
     syncFilesystem(folder)
     emptySync = time.perf_counter() - wall
+    targets = [path.with_name(f"{path.name}.uow") for path in paths]
     started2 = time.process_time()
-    for path in paths:
+    for path, target in zip(paths, targets):
         if kind == "truncate":
-            _rewriteTruncated(path, frame)
+            _writeTruncating(target, frame, path)
         else:
-            _rewriteInPlace(path, frame)
+            writeAtomically(target, [frame], sync=False, temporary=path)
     written = time.process_time()
     wall = time.perf_counter()
     syncFilesystem(folder)
     writeSync = time.perf_counter() - wall
-    for path in paths:
-        path.unlink()
+    for target in targets:
+        target.unlink()
     return {
         "empty_us": 1e6 * (emptied - started) / count,
         "write_us": 1e6 * (written - started2) / count,
