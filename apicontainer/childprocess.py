@@ -12,7 +12,9 @@ per answer, in the order of the calls::
 
     length      4 bytes   big-endian uint32: what follows
     head size   4 bytes   big-endian uint32
-    head        n bytes   UTF-8 JSON: the call (or the answer)
+    head        n bytes   the call (or the answer): a dict in L{marshal}'s
+                          format, which both ends read alike, being the
+                          same Python, at a fraction of JSON's cost
     body        the rest  bytes that go with it (a request's body), if any
 
 A child answers first when it is ready (or why it is not), then each call.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
-import json
+import marshal
 import os
 import select
 import signal
@@ -43,7 +45,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import crashpoints
-from .compactjson import compact
 from .durable import makeDirectories, writeAll
 from .uow import SpooledBody, UnitOfWork
 
@@ -56,7 +57,7 @@ def frame(head: dict[str, Any], body: bytes = b"") -> bytes:
     """
     One call or answer, framed.
     """
-    encoded = compact(head).encode("utf-8")
+    encoded = marshal.dumps(head)
     return _SIZES.pack(4 + len(encoded) + len(body), len(encoded)) + encoded + body
 
 
@@ -68,7 +69,7 @@ def frames(buffer: bytearray) -> Iterator[Answer]:
         length, headSize = _SIZES.unpack_from(buffer)
         if len(buffer) < 4 + length:
             return
-        head = json.loads(bytes(buffer[8 : 8 + headSize]))
+        head = marshal.loads(buffer[8 : 8 + headSize])
         body = bytes(buffer[8 + headSize : 4 + length])
         del buffer[: 4 + length]
         yield head, body

@@ -1,6 +1,5 @@
 """
-Compact JSON: the form of spool headers, frames to the server's child
-processes and every answer.
+Compact JSON: the form of spool headers and every answer.
 """
 
 import json
