@@ -98,10 +98,14 @@ def refused(head: dict[str, Any], kinds: Mapping[str, type[Exception]] = {}) -> 
     return kind(head["error"])
 
 
-def encodeUOW(uow: UnitOfWork) -> tuple[dict[str, Any], bytes]:
+def encodeUOW(uow: UnitOfWork, withBody: bool = True) -> tuple[dict[str, Any], bytes]:
     """
     C{uow} as a frame's head and body. A body too large to hold that lies
     in a file (its spool file) is not copied: the frame says where it lies.
+
+    @param withBody: Whether the call needs the body at all: without it,
+        the UOW decodes with an empty body (a commit or a rollback, which
+        go by the UOW's id, key and attempt).
     """
     head: dict[str, Any] = {
         "id": uow.id,
@@ -115,6 +119,8 @@ def encodeUOW(uow: UnitOfWork) -> tuple[dict[str, Any], bytes]:
     if uow.idempotencyKey is not None:
         head["idempotency_key"] = uow.idempotencyKey
     body = uow._body
+    if not withBody:
+        return head, b""
     if isinstance(body, SpooledBody) and isinstance(body.source, Path):
         head["spooled"] = [str(body.source), body.offset, body.length]
         return head, b""

@@ -103,6 +103,24 @@ def test_uowRoundTrip(tmp_path: Path) -> None:
     assert decodeUOW(head, body).body == b"b" * 100000
 
 
+def test_uowWithoutBody(tmp_path: Path) -> None:
+    """
+    A UOW sent without its body (to a commit or a rollback) crosses with
+    its id, key, method and attempt, and neither its bytes nor where they
+    lie.
+    """
+    uow = contractUOW(7, b"seven" * 1000, attempt=9)
+    head, body = encodeUOW(uow, withBody=False)
+    assert body == b""
+    crossed = decodeUOW(head, body)
+    assert crossed == evolve(uow, body=b"")
+    assert (crossed.id, crossed.key, crossed.method, crossed.attempt) == (7, "/items/1", "PUT", 9)
+    spool = tmp_path / "8.uow"
+    spool.write_bytes(b"b" * 100)
+    head, body = encodeUOW(evolve(contractUOW(8), body=SpooledBody(spool, 0, 100)), withBody=False)
+    assert body == b"" and "spooled" not in head
+
+
 @pytest_twisted.ensureDeferred
 async def test_largeBodyReadFromTheSpool(tmp_path: Path) -> None:
     """

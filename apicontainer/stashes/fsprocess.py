@@ -174,7 +174,8 @@ class FilesystemProcessStash:
         return self._runner.call(head, body).addCallback(_result)
 
     def _uowCall(self, op: str, uow: UnitOfWork) -> Deferred[Any]:
-        head, body = encodeUOW(uow)
+        # Only a store needs the body.
+        head, body = encodeUOW(uow, withBody=op == "stash")
         return self._call({"op": op, "uow": head}, body)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
