@@ -39,6 +39,7 @@ def _calls() -> list[tuple[dict[str, Any], bytes]]:
     """
     uow = contractUOW(123456, b"x" * 1024, key="/items/5f0c2a9e-t0-12345")
     head, body = childprocess.encodeUOW(uow)
+    bare, _ = childprocess.encodeUOW(uow, withBody=False)
     verdicts = {"s0": Verdict.stored(), "s1": Verdict.stored()}
     record = StateRecord.of(FinalState.stored, Report.fromVerdicts(uow, verdicts), uow.route, time.time(), uow)
     return [
@@ -46,7 +47,7 @@ def _calls() -> list[tuple[dict[str, Any], bytes]]:
         ({"ok": True}, b""),
         ({"op": "stash", "uow": head}, body),
         ({"ok": True, "verdict": Verdict.stored().asJSON()}, b""),
-        ({"op": "commit", "uow": head}, body),
+        ({"op": "commit", "uow": bare}, b""),
         ({"ok": True, "none": True}, b""),
         ({"op": "state", "record": _recordFields(record), "remove": True}, b""),
         ({"ok": True}, b""),
