@@ -113,9 +113,16 @@ def peakRSS(pid: int) -> int:
     return sum(_status(p, "VmHWM:") for p in family(pid))
 
 
+def wrkEnvironment(body: int, failEvery: int) -> dict[str, str]:
+    """
+    The environment of a wrk run of C{unique.lua}: each run has keys of its
+    own (C{RUN}), so that it never writes an earlier run's keys again.
+    """
+    return dict(os.environ, BODY_BYTES=str(body), FAIL_EVERY=str(failEvery), RUN=os.urandom(4).hex())
+
+
 def wrk(port: int, concurrency: int, seconds: float, body: int, failEvery: int) -> dict[str, float]:
-    # A run of its own for the keys: the warm-up's keys are not written again.
-    env = dict(os.environ, BODY_BYTES=str(body), FAIL_EVERY=str(failEvery), RUN=os.urandom(4).hex())
+    env = wrkEnvironment(body, failEvery)
     threads = max(1, min(2, concurrency))
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "30s",
@@ -230,10 +237,9 @@ def soak(minutes: float) -> None:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             waitFor(port)
-            env = dict(os.environ, BODY_BYTES="1024", FAIL_EVERY="0", RUN=os.urandom(4).hex())
             load = subprocess.Popen(["wrk", "-t", "2", "-c", "32", "-d", f"{int(minutes * 60)}s", "-s",
                                      str(HERE / "unique.lua"), f"http://127.0.0.1:{port}/"],
-                                    env=env, stdout=subprocess.PIPE, text=True)
+                                    env=wrkEnvironment(1024, 0), stdout=subprocess.PIPE, text=True)
             samples = []
             started = time.monotonic()
             while load.poll() is None:
