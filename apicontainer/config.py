@@ -27,11 +27,19 @@ _REQUIRED: Any = object()
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
+# What str.splitlines breaks a line at.
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 class ConfigError(Exception):
     """
     The configuration is wrong; the message names the file, line, key and
-    problem.
+    problem, on one line: a line break in it (from a value, or from the text
+    of an error that a library raised about one) is written as its escape.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_LINE_BREAKS.sub(lambda m: repr(m[0])[1:-1], message))
 
 
 class Section:

@@ -98,6 +98,15 @@ class ConfigTests(SynchronousTestCase):
         message = self.refused(GOOD.replace('"tcp:0:interface=127.0.0.1"\nadmin', '"tcpp:80"\nadmin'))
         self.assertTrue(message.startswith(":1: listen: bad endpoint string 'tcpp:80'"), message)
 
+    def test_errorTextOnOneLine(self) -> None:
+        """
+        A refusal stays on one line when the reason a library gives holds a
+        line break (Twisted's, for an endpoint string of one): the break is
+        written as its escape.
+        """
+        message = self.refused(GOOD.replace('"tcp:0:interface=127.0.0.1"\nadmin', '"\\n"\nadmin'))
+        self.assertEqual(message, ":1: listen: bad endpoint string '\\n': Unknown endpoint type: '\\n'")
+
     def test_missingPath(self) -> None:
         """
         A route without a path, and a sqlite stash without one, are refused.
