@@ -207,7 +207,7 @@ class Fanout:
             await self._commit(uow, names, routing)
             await self._finish(uow, FinalState.stored, report)
             return report
-        unfinished = await self._everywhere("rollback", uow, list(reversed(names)), routing)
+        unfinished = await self._everywhere("rollback", uow, _toRollBack(report, names, entry), routing)
         if unfinished or report.outcome is Outcome.queued:
             compensate = report.outcome is Outcome.rejected
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
@@ -381,3 +381,17 @@ class Fanout:
             status=report.status,
             report=report.asRecord(),
         )
+
+
+def _toRollBack(report: Report, names: Sequence[str], entry: FailedUOW | None) -> list[str]:
+    """
+    The stashes to roll back after a failed attempt, last configured first:
+    every one but those that refused it (a 4xx: they stored nothing), unless
+    an earlier attempt's rollback failed there and is still owed.
+    """
+    owed = set(entry.rollbackFailed) if entry is not None else set()
+    return [
+        name
+        for name in reversed(names)
+        if name in owed or name not in report.verdicts or not report.verdicts[name].refused
+    ]

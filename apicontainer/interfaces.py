@@ -19,6 +19,9 @@ class IStash(Interface):
         still the current one; it never clobbers a later UOW's write.
       - A UOW never overwrites a newer UOW's write on the same key.
       - After C{commit} the mutation is permanent.
+      - A failed verdict with a 4xx status means nothing was stored: the
+        pipeline never calls C{rollback} after it (unless an earlier
+        attempt's rollback is still owed). An unknown outcome is a 5xx.
     """
 
     name = Attribute("The stash's name from the configuration (C{str}).")

@@ -37,6 +37,8 @@ from .config import Config, Limits, RouteSpec, StashSpec
 from .container import Container
 from .failqueue import RetryPolicy
 from .ingress import Ingress
+from unittest import SkipTest
+
 from .interfaces import IReader, IStash
 from .uow import Document, UnitOfWork, Verdict
 
@@ -533,6 +535,22 @@ async def checkKeysAreIndependent(stash: Any) -> None:
     assert await _read(stash, "/items/b") == b"b"
 
 
+async def checkRefusalStoresNothing(stash: Any, refuse: Callable[[Any], None]) -> None:
+    """
+    A write that the stash refuses with a 4xx leaves the document as it was:
+    the pipeline never calls the rollback of a stash that refused, so a
+    refusal must store nothing.
+
+    @param refuse: Makes C{stash} refuse its next write with a 4xx.
+    """
+    await stash.stash(contractUOW(1, b"one"))
+    await stash.commit(contractUOW(1, b"one"))
+    refuse(stash)
+    verdict = await stash.stash(contractUOW(2, b"two"))
+    assert verdict.refused, f"told to refuse, the stash answered {verdict}"
+    assert await _read(stash) == b"one", "a refused write changed the document"
+
+
 CONTRACT = {
     check.__name__[len("check") :]: check
     for check in (
@@ -634,6 +652,23 @@ class StashContractTests:
 
     def makeStash(self) -> IStash:
         raise NotImplementedError("define makeStash() in your test case")
+
+    def refuse(self, stash: Any) -> None:
+        """
+        Make C{stash} refuse its next write with a 4xx, for
+        C{test_refusalStoresNothing}; that test is skipped unless a test
+        case defines this.
+        """
+        raise NotImplementedError("define refuse() in your test case")
+
+    def test_refusalStoresNothing(self) -> None:
+        """
+        A write the stash refuses with a 4xx stores nothing (its rollback is
+        never called).
+        """
+        if type(self).refuse is StashContractTests.refuse:
+            raise SkipTest(f"{type(self).__name__} cannot make its stash refuse a write")
+        self.runCheck(checkRefusalStoresNothing, self.refuse)
 
     def runCheck(self, check: Callable[..., Any], *args: Any) -> None:
         self.successResultOf(Deferred.fromCoroutine(check(self.makeStash(), *args)))

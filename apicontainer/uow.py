@@ -251,6 +251,17 @@ class Verdict:
         """
         return self.kind is not VerdictKind.failed
 
+    @property
+    def refused(self) -> bool:
+        """
+        Whether the stash definitely stored nothing: a failure with a 4xx
+        status. Its rollback is never called, since it could only touch a
+        destination that refused the write (and might hold a newer value by
+        now). A 5xx, a timeout or a lost connection leaves the outcome
+        unknown, and is rolled back.
+        """
+        return self.kind is VerdictKind.failed and self.status < 500
+
     def asJSON(self, forClient: bool = False) -> dict[str, Any]:
         """
         The verdict as it appears in responses and logs.

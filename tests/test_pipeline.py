@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from apicontainer.auth import BearerTokens
 from apicontainer.config import Limits
+from apicontainer.failqueue import RetryPolicy
 from apicontainer.fanout import CommitFailed
 from apicontainer.testing import ContainerHarness, MemoryStash
 
@@ -134,9 +135,44 @@ class OutcomeTests(PipelineTestCase):
         self.assertIsNone(response.header("location"))
         self.assertEqual(a.bodies(), {})
         self.assertIn(("rollback", 2), a.calls)
-        self.assertIn(("rollback", 2), b.calls)
+        self.assertNotIn(("rollback", 2), b.calls)
         self.assertEqual(self.spooled(), [])
         self.assertEqual(h.container.failQueue.list(), [])
+
+    def test_refusingStashIsNeverRolledBack(self) -> None:
+        """
+        A stash that refused the UOW with a 4xx stored nothing: its rollback
+        is not called, so a destination that refuses every write (and its
+        rollbacks too) leaves a rejected UOW rejected, not queued.
+        """
+        records, down = MemoryStash("records"), MemoryStash("down", failWith=400, failRollback=True)
+        h = self.build(records, down)
+        response = h.request("PUT", "/items/1", b"x")
+        self.assertEqual((response.code, response.json()["outcome"]), (400, "rejected"))
+        self.assertEqual(down.calls, [("stash", 1)])
+        self.assertIn(("rollback", 1), records.calls)
+        self.assertEqual(records.bodies(), {})
+        self.assertEqual((h.container.failQueue.list(), self.spooled()), ([], []))
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "rejected")
+
+    def test_owedRollbackOfRefusingStashStillRuns(self) -> None:
+        """
+        A stash whose rollback failed in an earlier attempt (which may have
+        written there) is rolled back after a later attempt's 4xx: that
+        rollback is still owed.
+        """
+        a = MemoryStash("a", failWith=503, failAfterWrite=True, failRollback=True)
+        h = self.build(a, retry=RetryPolicy(initial=1.0))
+        self.assertEqual(h.request("PUT", "/items/1", b"x").code, 503)
+        [entry] = h.container.failQueue.list()
+        self.assertEqual(entry.rollbackFailed, ("a",))
+        self.assertEqual(a.bodies(), {"/items/1": b"x"})
+        a.failWith, a.failAfterWrite, a.failRollback = 400, False, False
+        h.clock.advance(1.0)
+        self.assertEqual(a.bodies(), {})
+        self.assertEqual(a.calls[-2:], [("stash", 1), ("rollback", 1)])
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "rejected")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     def test_firstClientErrorInConfigOrderWins(self) -> None:
         """

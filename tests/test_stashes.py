@@ -34,6 +34,24 @@ class MemoryStashContractTests(StashContractTests, SynchronousTestCase):
     def makeStash(self) -> MemoryStash:
         return MemoryStash("memory")
 
+    def refuse(self, stash: MemoryStash) -> None:
+        stash.failWith = 400
+
+    def test_refusalCheckCatchesHalfDoneWrite(self) -> None:
+        """
+        The refusal check fails for a stash that writes and then answers a
+        4xx: it can tell a broken stash from a good one.
+        """
+        from apicontainer.testing import checkRefusalStoresNothing
+
+        def halfway(stash: MemoryStash) -> None:
+            stash.failWith, stash.failAfterWrite = 400, True
+
+        failure = self.failureResultOf(
+            Deferred.fromCoroutine(checkRefusalStoresNothing(MemoryStash("m"), halfway))
+        )
+        self.assertIn("a refused write changed the document", str(failure.value))
+
 
 class SQLiteStashContractTests(StashContractTests, SynchronousTestCase):
     """
@@ -604,6 +622,9 @@ class HTTPStashContractTests(StashContractTests, SynchronousTestCase):
         self.successResultOf(stash.start())
         self.addCleanup(stash.stop)
         return stash
+
+    def refuse(self, stash: HTTPStash) -> None:
+        self.downstream.mode = 400
 
 
 class HTTPStashTests(SynchronousTestCase):
