@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from .blocking import Blocking
 from .uow import Report, UnitOfWork
 from .groupcommit import GroupCommit, Operation, Outcome, each
+from .transactions import immediate
 
 T = TypeVar("T")
 
@@ -187,13 +188,8 @@ class StateStore:
 
     def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(db):
             outcomes = each(operations, lambda operation: operation[0](db, *operation[1]))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         # Now that the records are durable, what follows each of them.
         for index, (_, (_, then)) in enumerate(operations):
             if then is not None and outcomes[index][0]:
@@ -286,14 +282,8 @@ class StateStore:
         """
 
         def delete() -> int:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db()) as db:
                 count = db.execute("DELETE FROM uows WHERE at < ?", (before,)).rowcount
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
             return int(count)
 
         return self._blocking(delete)
