@@ -5,6 +5,7 @@ built from a configuration and wired together.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from .config import Config, ConfigError, StashSpec
 from .failqueue import FileFailQueue
 from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
-from .interfaces import IReader, IStartable, IStash
+from .interfaces import ILocalStorage, IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
 from .journal import InlineJournal, Journal, ProcessJournal
 from .metrics import Metrics
@@ -34,6 +35,11 @@ from .stashes import StashContext
 from .uow import UnitOfWork
 from .uowids import UOWIds
 from .worker import StashWorker
+
+
+# What a write costs on the spool's disk besides its body: the spool file's
+# head, its final state in the state store and a fail queue record.
+SPOOL_OVERHEAD = 64 * 1024
 
 
 def buildStashes(
@@ -144,6 +150,39 @@ class Container:
         self.recovered = False
         self.startFailures: dict[str, str] = {}
         self._purge: LoopingCall | None = None
+
+    def lacksRoom(self, route: str, size: int, reserve: int) -> Path | None:
+        """
+        Whether a write of a body of C{size} bytes on C{route} would leave
+        less than C{reserve} bytes free on any disk it lands on: the spool's
+        (the spool file, its final state and fail queue record) and those of
+        the route's stashes that keep data on this machine (L{ILocalStorage}),
+        adding up what lands on the same disk. A few C{stat} calls, cheap
+        enough for the reactor thread.
+
+        @return: A directory on the first disk without room, or L{None}.
+        """
+        needs: dict[int, tuple[Path, int]] = {}
+        spending = [(self.spool.directory, size + SPOOL_OVERHEAD)]
+        for name in self.routes.get(route, ()):
+            stash = self.stashes[name]
+            if ILocalStorage.providedBy(stash):
+                spending.append((stash.location, stash.bytesFor(size)))
+        for directory, cost in spending:
+            try:
+                device = os.stat(directory).st_dev
+            except OSError:
+                continue  # not there yet: the stash reports its own trouble
+            path, total = needs.get(device, (directory, 0))
+            needs[device] = (path, total + cost)
+        for path, total in needs.values():
+            try:
+                stats = os.statvfs(path)
+            except OSError:
+                return path
+            if stats.f_bavail * stats.f_frsize < total + reserve:
+                return path
+        return None
 
     def open(self) -> None:
         """

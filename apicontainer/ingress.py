@@ -147,13 +147,22 @@ class Ingress:
                 "too_large",
                 f"the body exceeds limits.max_body_bytes ({self._limits.maxBodyBytes} bytes)",
             )
-        if not self._container.spool.hasRoom(size + 4096, self._limits.minFreeBytes):
+        full = self._container.lacksRoom(route, size, self._limits.minFreeBytes)
+        if full is not None:
+            self.log.warn(
+                "disk full: a {size}-byte write on {route} would leave less than"
+                " limits.min_free_bytes ({reserve}) free on the disk of {path}",
+                size=size,
+                route=route,
+                reserve=self._limits.minFreeBytes,
+                path=str(full),
+            )
             return errorResponse(
                 request,
                 503,
                 "disk_full",
                 f"less than limits.min_free_bytes ({self._limits.minFreeBytes}) would be left"
-                " on the spool's disk",
+                " on the server's disk after this write",
                 retry_after="5",
             )
         if self.inFlight >= self._limits.maxInFlight:

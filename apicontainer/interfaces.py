@@ -104,6 +104,25 @@ class IProbe(Interface):
         """
 
 
+class ILocalStorage(Interface):
+    """
+    A stash that keeps its data on this machine's disks. Before a write is
+    spooled, ingress checks that every disk it lands on has room for it
+    beyond C{limits.min_free_bytes}, and answers 503 C{disk_full} if not.
+    """
+
+    location = Attribute("The directory it writes in (a L{pathlib.Path}).")
+
+    def bytesFor(size):
+        """
+        An upper estimate of the disk space that one write of a body of
+        C{size} bytes takes there until it is committed (the data, its
+        before-image, and what the storage engine writes beside them).
+
+        @return: A number of bytes (C{int}).
+        """
+
+
 class IFailQueue(Interface):
     """
     A durable record of UOWs that failed with a 5xx and wait for a retry.

@@ -260,17 +260,6 @@ class Spool:
                 syncFilesystem(self.sparesDirectory)
                 self._synced(len(self._emptied))
 
-    def hasRoom(self, size: int, reserve: int) -> bool:
-        """
-        Whether the spool's file system has C{size} bytes free beyond
-        C{reserve} (one statvfs; cheap enough for the reactor thread).
-        """
-        try:
-            stats = os.statvfs(self.directory)
-        except OSError:
-            return False
-        return stats.f_bavail * stats.f_frsize >= size + reserve
-
     def path(self, uowId: int) -> Path:
         """
         The spool file of UOW C{uowId}.

@@ -87,7 +87,7 @@ from ..durable import (
     writeAtomically,
     writeFile,
 )
-from ..interfaces import IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 
@@ -194,7 +194,7 @@ def encodeSegment(segment: str) -> str:
     return encoded
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
 class FilesystemStash:
     """
     Documents as files under a root directory.
@@ -255,6 +255,15 @@ class FilesystemStash:
 
             return FilesystemProcessStash(spec.name, root, context.reactor)
         return cls(spec.name, root, context.blocking)
+
+    @property
+    def location(self) -> Path:
+        return self.root
+
+    def bytesFor(self, size: int) -> int:
+        # The new version's file beside the one it replaces, and the undo
+        # record and directory entries beside them.
+        return size + 64 * 1024
 
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)

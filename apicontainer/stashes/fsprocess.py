@@ -51,7 +51,7 @@ from ..childprocess import (
     refused,
     serve,
 )
-from ..interfaces import IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import unavailable
 
@@ -132,7 +132,7 @@ def _result(answer: Answer) -> Any:
 _runners: dict[Path, ChildRunner] = {}
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
 class FilesystemProcessStash:
     """
     A L{FilesystemStash} run by a child process: the server's side.
@@ -143,6 +143,15 @@ class FilesystemProcessStash:
         self.root = root
         self._reactor = reactor
         self._runner: ChildRunner | None = None
+
+    @property
+    def location(self) -> Path:
+        return self.root
+
+    def bytesFor(self, size: int) -> int:
+        # The new version's file beside the one it replaces, and the undo
+        # record and directory entries beside them.
+        return size + 64 * 1024
 
     def start(self) -> Deferred[None]:
         if self._runner is None:

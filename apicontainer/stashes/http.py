@@ -28,9 +28,10 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..interfaces import IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
+from ..transactions import immediate
 
 PREPARED = "prepared"
 ROLLED_BACK = "rolledback"
@@ -42,7 +43,7 @@ class DownstreamError(Exception):
     """
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
 class HTTPStash:
     """
     A downstream HTTP API as a stash.
@@ -92,6 +93,14 @@ class HTTPStash:
 
     # The local record of before-images and of the newest UOW per key.
 
+    @property
+    def location(self) -> Path:
+        return self._undoPath.parent
+
+    def bytesFor(self, size: int) -> int:
+        # The before-image fetched from downstream, kept in the undo database.
+        return size + 256 * 1024
+
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)
 
@@ -127,15 +136,9 @@ class HTTPStash:
 
     def _change(self, *statements: tuple[str, tuple[Any, ...]]) -> Deferred[None]:
         def run() -> None:
-            db = self._local()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._local()) as db:
                 for sql, args in statements:
                     db.execute(sql, args)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
         return self._blocking(run)
 

@@ -10,9 +10,8 @@ C{synchronous=FULL}: a committed transaction survives a power cut.
 from __future__ import annotations
 
 import sqlite3
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -21,15 +20,16 @@ from zope.interface import implementer
 from ..blocking import Blocking
 from ..config import StashSpec
 from ..groupcommit import GroupCommit, Operation, Outcome, each
-from ..interfaces import IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 from .sqldocuments import DocumentTables, tableOption
+from ..transactions import immediate
 
 T = TypeVar("T")
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
 class SQLiteStash:
     """
     Documents in one SQLite table, with an undo table beside it.
@@ -61,6 +61,15 @@ class SQLiteStash:
         table = tableOption(spec.options)
         return cls(spec.name, context.path(path), context.serial(spec.name), table)
 
+    @property
+    def location(self) -> Path:
+        return self.path.parent
+
+    def bytesFor(self, size: int) -> int:
+        # The document and its before-image in the write-ahead log, the copy
+        # a checkpoint makes into the database file, and their pages.
+        return 3 * size + 256 * 1024
+
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)
 
@@ -89,17 +98,6 @@ class SQLiteStash:
         assert self._connection is not None
         return self._connection
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        connection = self._db()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield connection
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         return self._inTransaction(self._tables.stash, uow).addErrback(unavailable(self, uow, sqlite3.Error, OSError))
 
@@ -107,7 +105,7 @@ class SQLiteStash:
         return self._group.submit(operation, *args)
 
     def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
-        with self._transaction() as db:
+        with immediate(self._db()) as db:
             cursor = db.cursor()
 
             def run(operation: Operation) -> Any:
