@@ -86,6 +86,12 @@ class AdminAPI:
             for state in (FailedState.parked, FailedState.stuck)
             if counts[state.value]
         ]
+        unsettled = len(self._container.fanout.unsettled) if self._container.fanout else 0
+        if unsettled:
+            alarms.append(
+                f"{unsettled} UOW(s) unsettled: their outcome could not be recorded"
+                " (is the disk full?); the server re-drives them until they settle"
+            )
         if not self._container.recovered:
             alarms.append("recovery has not finished")
         for name, problem in self._container.startFailures.items():
@@ -97,6 +103,7 @@ class AdminAPI:
                 "status": "attention" if alarms else "ok",
                 "alarms": alarms,
                 "in_flight": self._container.records.inFlight,
+                "unsettled": unsettled,
                 "failed": counts,
             },
         )
@@ -177,6 +184,10 @@ class AdminAPI:
         refusal = self._unauthorized(request)
         if refusal:
             return refusal
+        assert self._container.fanout is not None
+        unsettled = self._container.fanout.unsettled.get(uowId)
+        if unsettled is not None:
+            return jsonResponse(request, 200, {**unsettled.asJSON(), "failed": False})
         entry = self._container.failQueue.get(uowId)
         if entry is not None:
             return jsonResponse(request, 200, {**entry.asJSON(), "failed": True})

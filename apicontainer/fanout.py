@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +33,44 @@ class CommitFailed(Exception):
     """
     A stash could not commit a UOW that every stash had stored.
     """
+
+
+@frozen
+class Unsettled:
+    """
+    A UOW whose outcome could not be made durable: an attempt failed inside
+    the pipeline (the state store or the fail queue could not be written, a
+    commit kept failing). Its spool file stays; the running server owns it
+    and re-drives it when C{dueAt} comes, until it settles.
+
+    @ivar entry: Its fail queue entry, when the attempt was a retry of one.
+    @ivar tries: How many attempts in a row ended unsettled.
+    @ivar dueAt: When it is re-driven next; L{None} while a re-drive is
+        under way.
+    @ivar reason: What went wrong last, for operators.
+    """
+
+    uow: UnitOfWork
+    entry: FailedUOW | None
+    tries: int
+    dueAt: float | None
+    reason: str
+
+    def asJSON(self) -> dict[str, object]:
+        """
+        The UOW as the admin API shows it.
+        """
+        return {
+            "uow": self.uow.id,
+            "key": self.uow.key,
+            "route": self.uow.route,
+            "state": UOWState.unsettled.value,
+            "attempt_id": self.uow.attempt,
+            "unsettled_tries": self.tries,
+            "next_attempt_at": self.dueAt,
+            "reason": self.reason,
+            "report": None,
+        }
 
 
 @frozen
@@ -102,6 +140,7 @@ class Fanout:
         self._tails: dict[str, Deferred[None]] = {}
         self._loop: Deferred[None] | None = None
         self.active: set[Deferred[Report]] = set()
+        self.unsettled: dict[int, Unsettled] = {}
 
     def start(self) -> None:
         """
@@ -164,13 +203,49 @@ class Fanout:
         if previous is not None:
             await previous
         try:
-            return await self.settle(uow, entry, routing)
-        except Exception:
-            self.log.failure(
-                "UOW {uow} could not be settled; its spool file stays for recovery", uow=uow.id
-            )
-            self._records.finish(uow, UOWState.received, None)
+            report = await self.settle(uow, entry, routing)
+        except Exception as e:
+            self.log.failure("UOW {uow} could not be settled", uow=uow.id)
+            self.unsettle(uow, entry, str(e) or type(e).__name__)
             raise
+        redriven = self.unsettled.get(uow.id)
+        if redriven is not None and redriven.dueAt is None:
+            # A re-drive that settled (one that could not is due again).
+            del self.unsettled[uow.id]
+        return report
+
+    def unsettle(self, uow: UnitOfWork, entry: FailedUOW | None, reason: str) -> None:
+        """
+        Keep C{uow}, whose attempt could not be made durable, for a re-drive
+        after a backoff on the fail queue's retry policy (see L{takeUnsettled}).
+        """
+        previous = self.unsettled.get(uow.id)
+        tries = previous.tries + 1 if previous is not None else 1
+        delay = self._failQueue.retry.delayAfter(tries)
+        self.unsettled[uow.id] = Unsettled(uow, entry, tries, self._clock.seconds() + delay, reason)
+        self._records.finish(uow, UOWState.unsettled, None)
+        self.log.error(
+            "UOW {uow} on {key} is unsettled ({reason}); its spool file stays and it is"
+            " re-driven in {delay:.0f}s",
+            uow=uow.id,
+            key=uow.key,
+            reason=reason,
+            delay=delay,
+        )
+
+    def takeUnsettled(self) -> list[Unsettled]:
+        """
+        Take the unsettled UOWs whose re-drive is due, oldest first, and
+        mark them as under way. The caller re-drives each: it leaves this set
+        once it settles, or is scheduled again by L{unsettle}.
+        """
+        now = self._clock.seconds()
+        due = []
+        for uowId, unsettled in sorted(self.unsettled.items()):
+            if unsettled.dueAt is not None and unsettled.dueAt <= now:
+                due.append(unsettled)
+                self.unsettled[uowId] = evolve(unsettled, dueAt=None)
+        return due
 
     async def settle(
         self, uow: UnitOfWork, entry: FailedUOW | None = None, routing: Routing | None = None
@@ -213,14 +288,12 @@ class Fanout:
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
             try:
                 await self._failQueue.put(queued)
-            except Exception:
-                self.log.failure(
-                    "UOW {uow} could not be recorded in the fail queue;"
-                    " its spool file stays for recovery",
-                    uow=uow.id,
-                )
-            else:
-                reach("after-failqueue-write")
+            except Exception as e:
+                self.log.failure("UOW {uow} could not be recorded in the fail queue", uow=uow.id)
+                self._logReport(uow, report, UOWState.unsettled.value)
+                self.unsettle(uow, entry, f"the fail queue could not be written: {e}")
+                return report
+            reach("after-failqueue-write")
             self._logReport(uow, report, queued.state.value)
             self._records.finish(uow, UOWState.queued, report)
             return report
@@ -326,9 +399,9 @@ class Fanout:
             return [name for name, (_, ok) in zip(names, done) if not ok]
         failed = []
         for index, name in enumerate(names):
-            if index == 1:
-                reach(f"during-{step}")
             ok = await self._onStash(step, uow, name, routing)
+            if index == 0:
+                reach(f"during-{step}")
             if self._metrics is not None:
                 self._metrics.of(self._metrics.rollbacks, name, "ok" if ok else "failed").inc()
             if not ok:

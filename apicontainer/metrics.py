@@ -68,6 +68,12 @@ class Metrics:
         self.registry.register(_ContainerGauges(container))
         self.inFlight = Gauge("apicontainer_in_flight", "UOWs spooled and not yet settled.", registry=self.registry)
         self.inFlight.set_function(lambda: container.records.inFlight)
+        self.unsettled = Gauge(
+            "apicontainer_unsettled",
+            "UOWs whose outcome could not be made durable; re-driven until they settle.",
+            registry=self.registry,
+        )
+        self.unsettled.set_function(lambda: len(container.fanout.unsettled) if container.fanout else 0)
 
     def exposition(self) -> bytes:
         """

@@ -16,6 +16,10 @@ from .uow import Report, UnitOfWork
 class UOWState(str, Enum):
     """
     Where a UOW stands in the pipeline.
+
+    @cvar unsettled: Its outcome could not be made durable (the fail queue
+        or the state store could not be written): the running server keeps
+        it and re-drives it until it settles.
     """
 
     received = "received"
@@ -25,6 +29,7 @@ class UOWState(str, Enum):
     superseded = "superseded"
     queued = "queued"
     dropped = "dropped"
+    unsettled = "unsettled"
 
 
 @define

@@ -10,7 +10,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .failqueue import FailedState, FailedUOW, FileFailQueue
-from .fanout import Fanout
+from .fanout import Fanout, Unsettled
 from .metrics import Metrics
 from .frontqueue import FrontQueue
 from .spool import CorruptSpoolFile, Spool
@@ -67,10 +67,37 @@ class RetryEngine:
 
     def tick(self) -> None:
         """
-        Start an attempt for every due entry.
+        Start an attempt for every due entry, and re-drive every unsettled
+        UOW whose backoff is over.
         """
         for entry in self._failQueue.takeDue():
             self._attempt(entry)
+        for unsettled in self._fanout.takeUnsettled():
+            Deferred.fromCoroutine(self._redrive(unsettled))
+
+    async def _redrive(self, unsettled: Unsettled) -> None:
+        """
+        Settle an unsettled UOW again under a fresh attempt id; the fanout
+        keeps it again if this attempt cannot be made durable either.
+        """
+        uow = unsettled.uow
+        self.log.warn(
+            "re-driving unsettled UOW {uow} on {key} (try {tries})",
+            uow=uow.id,
+            key=uow.key,
+            tries=unsettled.tries + 1,
+        )
+        try:
+            attempt = await self._front.newAttempt(uow)
+        except Exception as e:
+            self.log.failure("unsettled UOW {uow} could not get a new attempt id", uow=uow.id)
+            self._fanout.unsettle(uow, unsettled.entry, f"no new attempt id: {e}")
+            return
+        try:
+            await self._fanout.submit(attempt, unsettled.entry)
+        except Exception:
+            # Logged, and kept again, by the fanout.
+            pass
 
     def retryNow(self, uowId: int) -> Deferred[Report | None] | None:
         """

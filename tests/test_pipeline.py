@@ -25,6 +25,11 @@ class PipelineTestCase(SynchronousTestCase):
         self.dataDir = Path(self.mktemp())
         return ContainerHarness(self.dataDir, stashes, **kw)  # type: ignore[arg-type]
 
+    def assertRefused(self, response: object, code: int, error: str) -> None:
+        self.assertEqual((response.code, response.json()["error"]), (code, error))  # type: ignore[attr-defined]
+        self.assertEqual(response.header("content-type"), "application/json")  # type: ignore[attr-defined]
+        self.assertEqual(self.spooled(), [])
+
     def spooled(self) -> list[str]:
         """
         Every file in the spool directory, temporary ones included.
@@ -299,8 +304,9 @@ class OutcomeTests(PipelineTestCase):
     def test_commitThatKeepsFailingIsNever2xx(self) -> None:
         """
         A commit that still fails after its retries leaves the UOW unsettled:
-        no 200 (its write may not be durable), no final state, and its spool
-        file stays for recovery, which completes it.
+        no 200 (its write may not be durable), no final state, its spool file
+        stays, and the running server re-drives it after a backoff, without
+        a restart, until it is stored.
         """
         a, b = MemoryStash("a"), MemoryStash("b", failCommits=3)
         h = self.build(a, b)
@@ -310,13 +316,16 @@ class OutcomeTests(PipelineTestCase):
         response = h.result(received)
         self.assertEqual((response.code, response.json()["outcome"]), (500, "pending"))
         self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
-        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "received")
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "unsettled")
+        health = h.admin("GET", "/_health").json()
+        self.assertEqual((health["status"], health["unsettled"]), ("attention", 1))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 3)
         self.assertEqual(len(self.flushLoggedErrors(CommitFailed)), 1)
-        again = ContainerHarness(self.dataDir, (a, b))
-        self.assertEqual(again.admin("GET", "/_uow/1").json()["state"], "stored")
+        h.clock.advance(1.0)
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "stored")
         self.assertEqual(b.calls[-2:], [("stash", 1), ("commit", 1)])
         self.assertEqual((b.undo, self.spooled()), ({}, []))
+        self.assertEqual(h.admin("GET", "/_health").json()["status"], "ok")
 
     def test_requestTimeout(self) -> None:
         """
@@ -503,11 +512,6 @@ class IngressRefusalTests(PipelineTestCase):
     leave nothing on disk.
     """
 
-    def assertRefused(self, response: object, code: int, error: str) -> None:
-        self.assertEqual((response.code, response.json()["error"]), (code, error))  # type: ignore[attr-defined]
-        self.assertEqual(response.header("content-type"), "application/json")  # type: ignore[attr-defined]
-        self.assertEqual(self.spooled(), [])
-
     def test_badKeys(self) -> None:
         """
         Dot segments, encoded slashes, NUL, bad UTF-8 and overlong paths are 400.
@@ -693,3 +697,139 @@ class DurabilityTests(PipelineTestCase):
         second = again.request("PUT", "/items/1", b"x").json()["uow"]
         self.assertGreater(second, first)
         self.assertEqual([e.uow for e in again.container.failQueue.list()], [first])
+
+
+class UnsettledTests(PipelineTestCase):
+    """
+    A UOW whose outcome could not be made durable is never forgotten by the
+    running server: it is re-driven until it settles, and said to be
+    unsettled meanwhile.
+    """
+
+    def diskFull(self, h: ContainerHarness) -> mock._patch:  # type: ignore[type-arg]
+        """
+        The fail queue cannot be written, as on a full disk.
+        """
+        return mock.patch.object(
+            h.container.failQueue,
+            "put",
+            side_effect=OSError(errno.ENOSPC, "No space left on device"),
+        )
+
+    def test_failQueueWriteFailsOnFullDisk(self) -> None:
+        """
+        The write that meets ENOSPC: one stash stored and cannot roll back,
+        the other failed, and the fail queue cannot record it. The client
+        gets the 5xx; the UOW is unsettled (/_uow, /_health, /metrics say
+        so); an Idempotency-Key resend is 409 meanwhile. Once space returns
+        the server re-drives it with no restart: it ends stored in both
+        stores, and the resend gets that final answer.
+        """
+        records = MemoryStash("records", failRollback=True)
+        files = MemoryStash("files", failWith=503)
+        h = self.build(records, files)
+        headers = {"idempotency-key": "k-1"}
+        with self.diskFull(h):
+            response = h.request("PUT", "/items/1", b"x", headers)
+            self.assertEqual((response.code, response.json()["outcome"]), (503, "queued"))
+            self.assertEqual(records.bodies(), {"/items/1": b"x"})
+            self.assertEqual(files.bodies(), {})
+            self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "unsettled")
+            self.assertEqual(h.admin("GET", "/_failed").json()["failed"], [])
+            health = h.admin("GET", "/_health").json()
+            self.assertEqual((health["status"], health["unsettled"]), ("attention", 1))
+            self.assertIn("1 UOW(s) unsettled", health["alarms"][0])
+            self.assertIn(b"apicontainer_unsettled 1.0", h.admin("GET", "/metrics").body)
+            self.assertEqual(h.request("PUT", "/items/1", b"x", headers).code, 409)
+            # Still full at the first re-drive: kept, with a longer backoff.
+            h.clock.advance(1.0)
+            self.assertEqual(h.admin("GET", "/_uow/1").json()["unsettled_tries"], 2)
+        self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
+        records.failRollback, files.failWith = False, None
+        h.clock.advance(2.0)
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "stored")
+        self.assertEqual((records.bodies(), files.bodies()), ({"/items/1": b"x"}, {"/items/1": b"x"}))
+        self.assertEqual((self.spooled(), h.container.failQueue.list()), ([], []))
+        self.assertEqual(h.admin("GET", "/_health").json()["status"], "ok")
+        replay = h.request("PUT", "/items/1", b"x", headers)
+        self.assertEqual((replay.code, replay.json()["uow"], replay.json()["outcome"]), (200, 1, "stored"))
+        self.flushLoggedErrors(OSError)
+
+    def test_stateStoreFullAfterCommit(self) -> None:
+        """
+        The write is in every store but its final state cannot be recorded:
+        the client gets 500 pending, /_uow says unsettled (not received with
+        no report), and the re-drive records it as stored once it can.
+        """
+        a = MemoryStash("a")
+        h = self.build(a)
+        full = OSError(errno.ENOSPC, "database or disk is full")
+        with mock.patch.object(h.container.journal, "settle", side_effect=full):
+            response = h.request("PUT", "/items/1", b"x")
+            self.assertEqual((response.code, response.json()["outcome"]), (500, "pending"))
+            self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "unsettled")
+            self.assertIn("database or disk is full", h.admin("GET", "/_uow/1").json()["reason"])
+        h.clock.advance(1.0)
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "stored")
+        self.assertEqual((a.bodies(), a.undo, self.spooled()), ({"/items/1": b"x"}, {}, []))
+        self.flushLoggedErrors(OSError)
+
+    def test_unsettledKeepsKeyOrder(self) -> None:
+        """
+        A later UOW on the key of an unsettled one is applied; the re-drive
+        of the older one then never overwrites it (superseded).
+        """
+        a = MemoryStash("a")
+        h = self.build(a)
+        with mock.patch.object(h.container.journal, "settle", side_effect=OSError(errno.ENOSPC, "full")):
+            self.assertEqual(h.request("PUT", "/items/1", b"old").code, 500)
+        self.assertEqual(h.request("PUT", "/items/1", b"new").code, 200)
+        h.clock.advance(1.0)
+        self.assertEqual(a.bodies(), {"/items/1": b"new"})
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "superseded")
+        self.assertEqual(h.container.fanout.unsettled, {})
+        self.flushLoggedErrors(OSError)
+
+
+class DiskCostTests(PipelineTestCase):
+    """
+    limits.min_free_bytes counts what a write really costs on each disk: the
+    spool file and the local stashes' files, not only the body.
+    """
+
+    def free(self, bytes_: int) -> mock._patch:  # type: ignore[type-arg]
+        stats = os.statvfs_result((4096, 1, 0, 0, bytes_, 0, 0, 0, 0, 255))
+        return mock.patch("apicontainer.container.os.statvfs", return_value=stats)
+
+    def test_localStashesCount(self) -> None:
+        """
+        With a SQLite stash on the spool's disk, a 100 KiB write needs room
+        for the spool file and about three copies in SQLite: 600 KiB free is
+        not enough (503 disk_full, nothing spooled, no stash called), 1 MiB
+        is.
+        """
+        from apicontainer.blocking import inline
+        from apicontainer.stashes.sqlite import SQLiteStash
+
+        dataDir = Path(self.mktemp())
+        records = SQLiteStash("records", dataDir / "records.sqlite3", inline)
+        h = ContainerHarness(dataDir, [records], limits=Limits(minFreeBytes=0))
+        self.dataDir = dataDir
+        body = b"x" * 100 * 1024
+        with self.free(600 * 1024):
+            response = h.request("PUT", "/items/1", body)
+        self.assertRefused(response, 503, "disk_full")
+        self.assertEqual(self.spooled(), [])
+        self.assertIsNone(self.successResultOf(records.read("/items/1")))
+        with self.free(1024 * 1024):
+            self.assertEqual(h.request("PUT", "/items/1", body).code, 200)
+
+    def test_reserveIsKept(self) -> None:
+        """
+        The reserve comes on top of the write's cost.
+        """
+        h = self.build(MemoryStash("a"), limits=Limits(minFreeBytes=1024 * 1024))
+        with self.free(1024 * 1024 + 64 * 1024):
+            self.assertRefused(h.request("PUT", "/items/1", b"x"), 503, "disk_full")
+        with self.free(1024 * 1024 + 128 * 1024):
+            self.assertEqual(h.request("PUT", "/items/1", b"x").code, 200)
