@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -36,6 +36,8 @@ from .uow import UnitOfWork
 from .uowids import UOWIds
 from .worker import StashWorker
 
+
+T = TypeVar("T")
 
 # What a write costs on the spool's disk besides its body: the spool file's
 # head, its final state in the state store and a fail queue record.
@@ -76,6 +78,67 @@ def buildStashes(
                     "read", f"stash {name!r} (type {config.stashes[name].type}) cannot read"
                 )
     return stashes
+
+
+def shielded(running: Deferred[T]) -> Deferred[T]:
+    """
+    A Deferred that fires with the result of C{running}, and whose
+    cancellation (or timeout) leaves C{running} to go on.
+    """
+    outer: Deferred[T] = Deferred()
+
+    def relay(result: Any) -> None:
+        if not outer.called:
+            outer.callback(result)
+
+    running.addBoth(relay)
+    return outer
+
+
+async def _startAll(
+    stashes: Sequence[tuple[str, IStash, float]], clock: IReactorTime
+) -> tuple[str, str] | None:
+    """
+    Start each of C{stashes} (name, stash, timeout in seconds) in turn; if
+    one cannot start in time, stop those already started.
+
+    @return: L{None} when all started, else the name of the one that did not
+        and why.
+    """
+    started: list[tuple[str, IStash, float]] = []
+    for name, stash, timeout in stashes:
+        if not IStartable.providedBy(stash):
+            continue
+        try:
+            await maybeDeferred(stash.start).addTimeout(timeout, clock)
+        except (defer.TimeoutError, error.TimeoutError):
+            problem = f"did not start within its timeout_s ({timeout:g}s)"
+        except Exception as e:
+            problem = str(e).strip() or type(e).__name__
+        else:
+            started.append((name, stash, timeout))
+            continue
+        await _stopAll(started, clock)
+        return name, problem
+    return None
+
+
+async def _stopAll(stashes: Sequence[tuple[str, IStash, float]], clock: IReactorTime) -> None:
+    """
+    Stop each of C{stashes} (name, stash, timeout in seconds), all at once;
+    one that does not stop in time is left behind, logged.
+    """
+    names, stops = [], []
+    for name, stash, timeout in stashes:
+        if IStartable.providedBy(stash):
+            names.append(name)
+            stops.append(maybeDeferred(stash.stop).addTimeout(timeout, clock))
+    for name, (ok, result) in zip(names, await DeferredList(stops, consumeErrors=True)):
+        if not ok:
+            _log.failure("stash {stash} failed to stop", result, stash=name)
+
+
+_log = Logger(namespace="apicontainer.container")
 
 
 class Container:
@@ -299,6 +362,17 @@ class Container:
             return None
 
         stashes = buildStashes(config, context, same)
+        new = [
+            (name, stashes[name], spec.timeout)
+            for name, spec in config.stashes.items()
+            if stashes[name] is not self.stashes.get(name)
+        ]
+        # Every new stash starts before anything switches: one that cannot
+        # refuses the whole reload.
+        refusal = await _startAll(new, self.clock)
+        if refusal is not None:
+            name, problem = refusal
+            raise ConfigError(f"{config.source}: stashes.{name}: could not start: {problem}")
         changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": []}
         workers = {}
         for name, spec in config.stashes.items():
@@ -308,14 +382,7 @@ class Container:
                 continue
             changes["changed" if name in self.stashes else "added"].append(name)
             self.startFailures.pop(name, None)
-            stash = stashes[name]
-            if IStartable.providedBy(stash):
-                try:
-                    await stash.start()
-                except Exception as e:
-                    self.startFailures[name] = str(e) or repr(e)
-                    self.log.critical("stash {stash} could not start: {error}", stash=name, error=str(e))
-            worker = StashWorker(stash, self.clock, spec.concurrency, spec.timeout, spec.part, self.metrics)
+            worker = StashWorker(stashes[name], self.clock, spec.concurrency, spec.timeout, spec.part, self.metrics)
             worker.start()
             workers[name] = worker
         changes["removed"] = [name for name in self.stashes if name not in config.stashes]
@@ -340,14 +407,12 @@ class Container:
         for name in changes["removed"]:
             self.startFailures.pop(name, None)
 
-        def stopFailed(reason: Any, name: str) -> None:
-            self.log.failure("stash {stash} failed to stop after a reload", reason, stash=name)
-
-        def retire(_: object) -> None:
-            for worker, stash in retired:
+        def retire(_: object) -> Deferred[None]:
+            for worker, _stash in retired:
                 worker.stop()
-                if IStartable.providedBy(stash):
-                    maybeDeferred(stash.stop).addErrback(stopFailed, stash.name)
+            return Deferred.fromCoroutine(
+                _stopAll([(w.stash.name, s, w.timeout) for w, s in retired], self.clock)
+            )
 
         DeferredList(underway, consumeErrors=True).addCallback(retire)
         self.log.info(
@@ -370,12 +435,8 @@ class Container:
         active = list(self.fanout.active)
         if not active:
             return 0
-        # Wait on a Deferred of our own: a timeout cancels what it waits on,
-        # and the UOWs themselves must go on.
-        waiting: Deferred[None] = Deferred()
-        DeferredList(active, consumeErrors=True).addCallback(
-            lambda _: None if waiting.called else waiting.callback(None)
-        )
+        # A timeout cancels what it waits on, and the UOWs must go on.
+        waiting = shielded(DeferredList(active, consumeErrors=True))
         waiting.addTimeout(grace, self.clock)
         try:
             await waiting
@@ -395,9 +456,9 @@ class Container:
             self.fanout.stop()
         for worker in self.workers.values():
             worker.stop()
-        await DeferredList(
-            [stash.stop() for stash in self.stashes.values() if IStartable.providedBy(stash)],
-            consumeErrors=True,
+        await _stopAll(
+            [(name, stash, self.workers[name].timeout) for name, stash in self.stashes.items()],
+            self.clock,
         )
         await self.journal.stop()
 

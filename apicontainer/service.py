@@ -10,7 +10,7 @@ import signal
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -20,7 +20,7 @@ from .admin import AdminAPI
 from .auth import BearerTokens
 from .blocking import Blocking, inThreadPool
 from .config import ConfigError, loadConfig
-from .container import Container
+from .container import Container, shielded
 from .stashes import StashContext
 from .httplimits import LimitedSite
 from .ingress import Ingress
@@ -35,20 +35,27 @@ class SerialPools:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._pools: list[ThreadPool] = []
+        self._started = False
 
     def runner(self, name: str) -> Blocking:
         """
-        A runner that runs one call at a time, in order, on its own thread.
+        A runner that runs one call at a time, in order, on its own thread;
+        started at once when the pools already are (a stash built by a
+        reload).
         """
         pool = ThreadPool(minthreads=1, maxthreads=1, name=f"apicontainer-{name}")
         self._pools.append(pool)
+        if self._started:
+            pool.start()
         return inThreadPool(self._reactor, pool)
 
     def start(self) -> None:
+        self._started = True
         for pool in self._pools:
             pool.start()
 
     def stop(self) -> None:
+        self._started = False
         for pool in self._pools:
             pool.stop()
 
@@ -83,6 +90,7 @@ class ContainerService(Service):
         self._ports: list[IListeningPort] = []
         self.ingress: Ingress | None = None
         self.started: Deferred[None] | None = None
+        self._reloading = DeferredLock()
 
     def startService(self) -> None:
         super().startService()
@@ -128,19 +136,26 @@ class ContainerService(Service):
                 self.log.failure("reload on SIGHUP failed", reason)
 
         def reload() -> None:
-            Deferred.fromCoroutine(self.reload()).addErrback(failed)
+            self.reload().addErrback(failed)
 
         self._reactor.callFromThread(reload)
 
-    async def reload(self) -> dict[str, Any]:
+    def reload(self) -> Deferred[dict[str, Any]]:
         """
         Load the configuration file again and switch to it between UOWs;
-        on SIGHUP and C{POST /_reload}.
+        on SIGHUP and C{POST /_reload}. Reloads run one at a time, and
+        cancelling the returned Deferred (a client that went away) neither
+        stops nor undoes the one under way.
 
-        @return: What changed.
-        @raise ConfigError: The new configuration is wrong; the old one stays
-            in force, and the log says why.
+        @return: A Deferred that fires with what changed, or fails with a
+            L{ConfigError} when the new configuration is wrong or a new
+            stash cannot start: the running one stays in force, and the log
+            says why.
         """
+        running = self._reloading.run(lambda: Deferred.fromCoroutine(self._reload()))
+        return shielded(running)
+
+    async def _reload(self) -> dict[str, Any]:
         source = self._container.config.source
         try:
             config = loadConfig(source)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.defer import fail, succeed
@@ -201,3 +203,85 @@ def test_reload(server: RunningServer) -> None:
         assert time.monotonic() < deadline, "SIGHUP did not reload"
         time.sleep(0.1)
     assert "configuration reloaded" in server.log.read_text()
+
+
+def waitFor(condition: Any, timeout: float, what: str) -> None:
+    """
+    Poll C{condition} until it is true, for at most C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+        time.sleep(0.1)
+
+
+@pytest.mark.integration
+def test_reloadSQLiteStash(server: RunningServer) -> None:
+    """
+    Every change to a sqlite stash reloads within seconds, by SIGHUP (only
+    its timeout_s) and by POST /_reload (its path): the new stash gets a
+    started thread of its own, and writes after the reload land in the new
+    database.
+    """
+    good = server.configPath.read_text()
+    assert server.process is not None
+    server.configPath.write_text(good.replace("path: records.sqlite3}", "path: records.sqlite3, timeout_s: 20}"))
+    os.kill(server.process.pid, signal.SIGHUP)
+    waitFor(lambda: "configuration reloaded" in server.log.read_text(), 10, "the SIGHUP reload")
+    assert server.request("PUT", "/items/1", b"one")[0] == 200
+
+    server.configPath.write_text(good.replace("path: records.sqlite3}", "path: moved.sqlite3}"))
+    started = time.monotonic()
+    status, body = fetch(f"http://127.0.0.1:{server.adminPort}/_reload", "POST")
+    assert (status, json.loads(body)["changed"]) == (200, ["records"]), body
+    assert time.monotonic() - started < 10
+    assert server.request("PUT", "/items/2", b"two")[0] == 200
+    assert (server.dataDir / "moved.sqlite3").exists()
+    assert server.request("GET", "/items/2")[2] == b"two"
+
+
+@pytest.mark.integration
+def test_reloadThatCannotStartChangesNothing(server: RunningServer) -> None:
+    """
+    A reload whose new stash cannot start (its database path is a
+    directory) is refused whole, with a 400 that names the stash and one log
+    line; the running configuration goes on serving.
+    """
+    (server.dataDir / "adir.sqlite3").mkdir()
+    good = server.configPath.read_text()
+    server.configPath.write_text(
+        good.replace("path: records.sqlite3}", "path: adir.sqlite3}").replace(
+            "  - path: /items/<id>", "  - path: /new/<id>\n    stashes: [records]\n  - path: /items/<id>"
+        )
+    )
+    status, body = fetch(f"http://127.0.0.1:{server.adminPort}/_reload", "POST")
+    message = json.loads(body)["message"]
+    assert (status, json.loads(body)["error"]) == (400, "bad_config"), body
+    assert "stashes.records: could not start" in message, message
+    assert server.request("PUT", "/new/1", b"x")[0] == 404
+    assert server.request("PUT", "/items/1", b"x")[0] == 200
+    assert server.request("GET", "/items/1")[2] == b"x"
+    assert server.log.read_text().count("reload refused") == 1
+
+
+@pytest.mark.integration
+def test_reloadWhoseClientGoesAway(server: RunningServer) -> None:
+    """
+    A client that gives up on POST /_reload does not cancel it half-way:
+    the reload completes, writes and /_ready go on answering, and SIGTERM
+    stops the server within its drain timeout.
+    """
+    good = server.configPath.read_text()
+    server.configPath.write_text(good.replace("path: records.sqlite3}", "path: other.sqlite3}"))
+    connection = socket.create_connection(("127.0.0.1", server.adminPort))
+    connection.sendall(b"POST /_reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    connection.close()
+    waitFor(lambda: "configuration reloaded" in server.log.read_text(), 10, "the reload")
+    assert "could not start" not in server.log.read_text()
+    assert server.request("PUT", "/items/1", b"x")[0] == 200
+    assert fetch(f"http://127.0.0.1:{server.adminPort}/_ready", "GET")[0] == 200
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    # twist ends a clean shutdown by re-raising the signal on itself.
+    assert server.process.wait(40) == -signal.SIGTERM
+    assert "Main loop terminated" in server.log.read_text()
