@@ -113,18 +113,27 @@ def _entry(entry: dict[str, Any], out: TextIO) -> None:
 
 def checkConfig(path: Path, out: TextIO) -> int:
     """
-    Load and check a configuration as the server would, opening nothing.
+    Load and check a configuration as the server would, changing nothing:
+    its keys and values, its stash options, and whether its data directory
+    and the stashes' local paths can be created and written.
     """
     from .blocking import inline
     from .config import ConfigError, loadConfig
     from .container import buildStashes
     from .stashes import StashContext
 
+    from .preflight import pathProblems
+
     try:
         config = loadConfig(path)
-        buildStashes(config, StashContext(None, config.dataDir, inline, lambda name: inline))  # type: ignore[arg-type]
+        stashes = buildStashes(config, StashContext(None, config.dataDir, inline, lambda name: inline))  # type: ignore[arg-type]
     except ConfigError as e:
         sys.stderr.write(f"apicontainer: {e}\n")
+        return EX_CONFIG
+    problems = pathProblems(config, stashes)
+    if problems:
+        for problem in problems:
+            sys.stderr.write(f"apicontainer: {problem}\n")
         return EX_CONFIG
     out.write(
         f"{path}: OK: {len(config.stashes)} stash(es) ({', '.join(config.stashes)}),"

@@ -112,6 +112,10 @@ class ILocalStorage(Interface):
     """
 
     location = Attribute("The directory it writes in (a L{pathlib.Path}).")
+    files = Attribute(
+        "The files it opens by name (a sequence of L{pathlib.Path}), each of"
+        " which must be a regular file where it exists."
+    )
 
     def bytesFor(size):
         """

@@ -142,8 +142,11 @@ class StateStore:
         """
         Open or create the database (blocking; at start-up).
         """
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as e:
+            raise sqlite3.OperationalError(f"{e}: {self.path}") from e
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute(
             "CREATE TABLE IF NOT EXISTS uows (uow INTEGER PRIMARY KEY, key TEXT NOT NULL,"

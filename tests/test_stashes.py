@@ -65,6 +65,18 @@ class SQLiteStashContractTests(StashContractTests, SynchronousTestCase):
         return stash
 
 
+class SQLiteStashOpenTests(SynchronousTestCase):
+    def test_openErrorNamesThePath(self) -> None:
+        """
+        A database that cannot be opened (its path is a directory) fails
+        with SQLite's reason and the path.
+        """
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        failure = self.failureResultOf(SQLiteStash("records", path, inline).start(), sqlite3.Error)
+        self.assertEqual(str(failure.value), f"unable to open database file: {path}")
+
+
 class FilesystemStashContractTests(StashContractTests, SynchronousTestCase):
     """
     The filesystem stash keeps the contract.

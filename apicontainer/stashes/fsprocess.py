@@ -148,6 +148,10 @@ class FilesystemProcessStash:
     def location(self) -> Path:
         return self.root
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return ()
+
     def bytesFor(self, size: int) -> int:
         # The new version's file beside the one it replaces, and the undo
         # record and directory entries beside them.

@@ -97,6 +97,10 @@ class HTTPStash:
     def location(self) -> Path:
         return self._undoPath.parent
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self._undoPath,)
+
     def bytesFor(self, size: int) -> int:
         # The before-image fetched from downstream, kept in the undo database.
         return size + 256 * 1024

@@ -65,6 +65,10 @@ class SQLiteStash:
     def location(self) -> Path:
         return self.path.parent
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path,)
+
     def bytesFor(self, size: int) -> int:
         # The document and its before-image in the write-ahead log, the copy
         # a checkpoint makes into the database file, and their pages.
@@ -75,8 +79,11 @@ class SQLiteStash:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as e:
+            raise sqlite3.OperationalError(f"{e}: {self.path}") from e
         connection.execute("PRAGMA synchronous=FULL")
         self._tables.create(connection.cursor())
         self._connection = connection
