@@ -9,6 +9,8 @@ A wrong configuration stops the start with one line, for example::
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,6 +86,9 @@ class Section:
             return self._fail(self._nodes[key][1], self._join(key), problem)
         return ConfigError(f"{self.source}:{self.line}: {self._join(key)}: {problem}")
 
+    def _unknown(self, key: str, hint: str) -> ConfigError:
+        return self._fail(self._nodes[key][0], self._join(key), f"unknown key ({hint})")
+
     def __contains__(self, key: str) -> bool:
         return key in self._nodes
 
@@ -103,6 +108,7 @@ class Section:
         self._used.add(key)
         if key not in self._nodes:
             if default is _REQUIRED:
+                self._rejectMisspelling(key)
                 raise self.error(key, "is required")
             return default
         return _construct(self._nodes[key][1])
@@ -181,6 +187,26 @@ class Section:
         for index, item in enumerate(node.value):
             yield Section(item, f"{self._join(key)}[{index}]", self.source, item.start_mark.line + 1)
 
+    def _rejectMisspelling(self, key: str) -> None:
+        """
+        Before saying that C{key} is missing, fail on a key that no accessor
+        asked for and that looks like it (C{rootes} for C{routes}).
+        """
+        unknown = [k for k in self._nodes if k not in self._used]
+        for near in difflib.get_close_matches(key, unknown, n=1, cutoff=0.6):
+            raise self._unknown(near, f"did you mean {key!r}?")
+
+    def expect(self, *keys: str) -> None:
+        """
+        Fail on the first key that is not one of C{keys}, before reading
+        any: for a section whose keys are all known up front.
+        """
+        for key in self._nodes:
+            if key not in keys:
+                near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+                hint = f"did you mean {near[0]!r}?" if near else f"known here: {', '.join(sorted(keys))}"
+                raise self._unknown(key, hint)
+
     def rejectUnknown(self) -> None:
         """
         Fail on the first key that no accessor asked for: most often a typo.
@@ -188,7 +214,7 @@ class Section:
         for key in self._nodes:
             if key not in self._used:
                 known = ", ".join(sorted(self._used)) or "none"
-                raise self.error(key, f"unknown key (known here: {known})")
+                raise self._unknown(key, f"known here: {known}")
 
 
 def _construct(node: yaml.Node) -> Any:
@@ -258,6 +284,25 @@ class Config:
     routes: tuple[RouteSpec, ...]
     idempotencyRetention: float = 86400.0
     adminTokensFile: Path | None = None
+    openToNetwork: bool = False
+
+
+def isLoopbackOnly(description: str) -> bool:
+    """
+    Whether the server endpoint C{description} can only be reached from
+    this machine: a UNIX socket, or TCP (plain or TLS) on a loopback
+    interface. TCP with no C{interface} listens on every interface.
+    """
+    endpoint = serverFromString(MemoryReactor(), description)
+    interface = getattr(endpoint, "_interface", None)
+    if interface is None:
+        return type(endpoint).__name__ == "UNIXServerEndpoint"
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def _endpoint(section: Section, key: str, default: str) -> str:
@@ -302,6 +347,9 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     if node is None:
         raise ConfigError(f"{source}:1: the configuration is empty")
     top = Section(node, "", source, 1)
+    top.expect(
+        "listen", "admin_listen", "data_dir", "auth", "limits", "failqueue", "idempotency", "stashes", "routes"
+    )
 
     listen = _endpoint(top, "listen", "tcp:8080:interface=127.0.0.1")
     adminListen = _endpoint(top, "admin_listen", "tcp:8081:interface=127.0.0.1")
@@ -309,7 +357,21 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     auth = top.section("auth")
     tokensFile = auth.string("tokens_file", None)
     adminTokensFile = auth.string("admin_tokens_file", None)
+    openToNetwork = auth.boolean("open_to_network", False)
     auth.rejectUnknown()
+    if not openToNetwork:
+        for key, description, tokens in (
+            ("listen", listen, tokensFile),
+            ("admin_listen", adminListen, adminTokensFile or tokensFile),
+        ):
+            if tokens is None and not isLoopbackOnly(description):
+                raise top.error(
+                    key,
+                    f"{description!r} is reachable from other machines and no bearer tokens are"
+                    " configured, so anyone who can reach it could write or drop work; set"
+                    " auth.tokens_file, or listen on interface=127.0.0.1, or set"
+                    " auth.open_to_network: true if it is open on purpose",
+                )
 
     limitsSection = top.section("limits")
     defaults = Limits()
@@ -367,6 +429,7 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         stashes=stashes,
         routes=routes,
         idempotencyRetention=retention,
+        openToNetwork=openToNetwork,
     )
 
 

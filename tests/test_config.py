@@ -128,6 +128,49 @@ class ConfigTests(SynchronousTestCase):
         message = self.refused(GOOD.replace("root: files}", "root: files, prat: a}"), build=True)
         self.assertTrue(message.startswith(":6: stashes.files.prat: unknown key (known here: concurrency, part, process, root, timeout_s, type)"), message)
 
+    def test_misspeltRequiredKey(self) -> None:
+        """
+        A misspelt required key is named as unknown, on its own line, not
+        reported as the missing key it was meant to be: at the top, in a
+        route, and in a stash's own options.
+        """
+        self.assertEqual(
+            self.refused(GOOD.replace("routes:", "rootes:")),
+            ":7: rootes: unknown key (did you mean 'routes'?)",
+        )
+        self.assertEqual(
+            self.refused(GOOD.replace("  - path: /items", "  - pth: /items")),
+            ":8: routes[0].pth: unknown key (did you mean 'path'?)",
+        )
+        self.assertEqual(
+            self.refused(GOOD.replace("path: records.sqlite3", "pat: records.sqlite3"), build=True),
+            ":5: stashes.records.pat: unknown key (did you mean 'path'?)",
+        )
+        self.assertEqual(
+            self.refused(GOOD + "limitz: {max_in_flight: 3}\n"),
+            ":11: limitz: unknown key (did you mean 'limits'?)",
+        )
+
+    def test_exposedWithoutTokens(self) -> None:
+        """
+        An endpoint that other machines can reach (no interface, or a
+        non-loopback one) with no bearer tokens is refused, naming the key
+        and how to fix it, unless auth.open_to_network says it is on
+        purpose. Loopback and UNIX sockets need no tokens.
+        """
+        exposed = GOOD.replace('admin_listen: "tcp:0:interface=127.0.0.1"', 'admin_listen: "tcp:0"')
+        message = self.refused(exposed)
+        self.assertTrue(message.startswith(":2: admin_listen: 'tcp:0' is reachable from other machines"), message)
+        self.assertIn("auth.open_to_network: true", message)
+        self.assertIn(
+            ":1: listen: 'tcp:0:interface=10.1.2.3' is reachable",
+            self.refused(GOOD.replace("tcp:0:interface=127.0.0.1", "tcp:0:interface=10.1.2.3", 1)),
+        )
+        self.assertTrue(loadConfig(self.write(exposed + "auth: {open_to_network: true}\n")).openToNetwork)
+        tokens = self.write("0" * 64 + "\n")
+        loadConfig(self.write(exposed + f"auth: {{tokens_file: {tokens}}}\n"))
+        loadConfig(self.write(GOOD.replace('"tcp:0:interface=127.0.0.1"', '"unix:/tmp/ac.sock"', 1)))
+
     def test_wrongTypes(self) -> None:
         """
         Values of the wrong type or range are refused.
