@@ -19,11 +19,15 @@ from twisted.python.threadpool import ThreadPool
 from .admin import AdminAPI
 from .auth import BearerTokens
 from .blocking import Blocking, inThreadPool
-from .config import ConfigError, loadConfig
+from .config import ConfigError, isLoopbackOnly, loadConfig
 from .container import Container, shielded
 from .stashes import StashContext
 from .httplimits import LimitedSite
 from .ingress import Ingress
+
+
+def _encrypted(endpoint: object) -> bool:
+    return type(endpoint).__name__.startswith("SSL")
 
 
 class SerialPools:
@@ -106,12 +110,26 @@ class ContainerService(Service):
             site = LimitedSite(self.ingress.resource(), config.limits, reactor=self._reactor)
             admin = LimitedSite(self._admin.app.resource(), config.limits, reactor=self._reactor)
             self._sites = [site, admin]
-            for description, factory in ((config.listen, site), (config.adminListen, admin)):
-                port = await serverFromString(self._reactor, description).listen(factory)
+            for description, factory, tokens in (
+                (config.listen, site, self._tokens),
+                (config.adminListen, admin, self._adminTokens),
+            ):
+                endpoint = serverFromString(self._reactor, description)
+                port = await endpoint.listen(factory)
                 self._ports.append(port)
                 self.log.info("listening on {endpoint}", endpoint=description)
+                if tokens is not None and not isLoopbackOnly(description) and not _encrypted(endpoint):
+                    self.log.warn(
+                        "{endpoint} takes bearer tokens over plain TCP from other machines:"
+                        " anyone on the path can read them; use an ssl: endpoint",
+                        endpoint=description,
+                    )
         except Exception as e:
-            self.log.critical("api-container could not start: {error}", error=str(e) or repr(e))
+            reason = str(e) or repr(e)
+            self.log.critical("api-container could not start: {error}", error=reason)
+            # Also where the other start errors go: twist has sent sys.stderr
+            # to the log, so write to the process's own standard error.
+            os.write(2, f"apicontainer: could not start: {' '.join(reason.split())}\n".encode())
             self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self._reactor.callWhenRunning(self._reactor.stop)
             return

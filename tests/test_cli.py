@@ -90,6 +90,69 @@ def test_checkConfig(tmp_path: Path) -> None:
     assert result.stderr == f"apicontainer: {bad}:2: stashes.a.type: unknown stash type 'nope' (known: filesystem, http, postgres, redis, sqlite)\n"
 
 
+def test_checkConfigPaths(tmp_path: Path) -> None:
+    """
+    check-config runs every check that changes nothing: a data_dir that is a
+    file, or under a file or under /proc, and a SQLite path that is a
+    directory, are refused with one line each and exit status 78, and
+    nothing is created; the server refuses the same at start.
+    """
+    (tmp_path / "afile").write_bytes(b"")
+    (tmp_path / "adir.sqlite3").mkdir()
+    stashes = "stashes:\n  records: {{type: sqlite, path: {path}}}\nroutes: [{{path: /x, stashes: [records]}}]\n"
+    cases = {
+        f"data_dir: {tmp_path}/afile\n": f"data_dir: {tmp_path}/afile is a file, not a directory",
+        f"data_dir: {tmp_path}/afile/var\n": f"data_dir: {tmp_path}/afile/var cannot be made: {tmp_path}/afile is a file",
+        "data_dir: /proc/apicontainer\n": "data_dir: /proc/apicontainer is on a proc file system",
+        f"data_dir: {tmp_path}/var\n" + stashes.format(path=f"{tmp_path}/adir.sqlite3"): (
+            f":3: stashes.records: {tmp_path}/adir.sqlite3 is a directory, not a file"
+        ),
+    }
+    for index, (text, expected) in enumerate(cases.items()):
+        path = tmp_path / f"config-{index}.yaml"
+        path.write_text(text if "stashes" in text else text + stashes.format(path="r.sqlite3"))
+        result = run(None, "check-config", str(path))
+        assert result.returncode == 78, (text, result.stdout)
+        assert expected in result.stderr.splitlines()[0], (expected, result.stderr)
+        assert result.stderr.startswith(f"apicontainer: {path}")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("config-")) == ["adir.sqlite3", "afile"]
+    server = subprocess.run(
+        [str(Path(sys.executable).parent / "twist"), "apicontainer", "--config", str(tmp_path / "config-0.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert server.returncode == 78
+    assert server.stderr.strip() == f"apicontainer: {tmp_path}/config-0.yaml: data_dir: {tmp_path}/afile is a file, not a directory"
+
+
+def test_portInUseSaidOnStderr(tmp_path: Path) -> None:
+    """
+    A listen port in use stops the server with status 1 and the reason in
+    one line on standard error.
+    """
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f'listen: "tcp:{port}:interface=127.0.0.1"\nadmin_listen: "tcp:0:interface=127.0.0.1"\n'
+            f"data_dir: {tmp_path}/var\nstashes: {{r: {{type: sqlite, path: r.sqlite3}}}}\n"
+            "routes: [{path: /x, stashes: [r]}]\n"
+        )
+        server = subprocess.run(
+            [str(Path(sys.executable).parent / "twist"), "apicontainer", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        taken.close()
+    assert server.returncode == 1
+    [line] = server.stderr.splitlines()
+    assert line.startswith("apicontainer: could not start: ") and "Address already in use" in line, line
+
+
 def test_mallocArenas(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     The server caps glibc's malloc arenas, unless the operator chose a
