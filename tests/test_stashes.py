@@ -77,6 +77,28 @@ class SQLiteStashOpenTests(SynchronousTestCase):
         self.assertEqual(str(failure.value), f"unable to open database file: {path}")
 
 
+class FilesystemStashStartTests(SynchronousTestCase):
+    def test_sweepsTemporaries(self) -> None:
+        """
+        At start, the .tmp-* names that a crash left beside the documents
+        (files and symlinks) are removed; the documents stay.
+        """
+        root = Path(self.mktemp())
+        stash = FilesystemStash("files", root, inline)
+        self.successResultOf(stash.start())
+        self.successResultOf(stash.stash(uow(1, body=b"doc")))
+        self.successResultOf(stash.commit(uow(1, body=b"doc")))
+        self.successResultOf(stash.stop())
+        [document] = [p for p in root.rglob("*.doc")]
+        (document.parent / ".tmp-1.doc").write_bytes(b"half")
+        os.symlink("1.v9", document.parent / ".tmp-2.doc")
+        stash = FilesystemStash("files", root, inline)
+        self.successResultOf(stash.start())
+        self.addCleanup(stash.stop)
+        self.assertEqual([p.name for p in document.parent.iterdir() if p.name.startswith(".tmp-")], [])
+        self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"doc")
+
+
 class FilesystemStashContractTests(StashContractTests, SynchronousTestCase):
     """
     The filesystem stash keeps the contract.

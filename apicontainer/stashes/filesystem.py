@@ -272,11 +272,35 @@ class FilesystemStash:
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)
 
+    def _sweepTemporaries(self) -> int:
+        """
+        Remove the C{.tmp-*} names that pointer swaps cut short by a crash
+        left beside the documents (blocking; at start). None was renamed
+        into place, so none is a document; no encoded segment starts with a
+        dot, so none is mistaken for one.
+
+        @return: How many were removed.
+        """
+        removed = 0
+        internal = {self._undo.name, self._rolledBack.name, self._sparesDirectory.name}
+        for directory, subdirectories, names in os.walk(self.root):
+            if directory == str(self.root):
+                subdirectories[:] = [d for d in subdirectories if d not in internal]
+            stale = [name for name in names if name.startswith(".tmp-")]
+            for name in stale:
+                removed += removeFile(Path(directory, name))
+            if stale:
+                fsyncDirectory(Path(directory))
+        return removed
+
     def _open(self) -> None:
         makeDirectories(self._undo)
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
+        swept = self._sweepTemporaries()
+        if swept:
+            self.log.info("stash {stash}: removed {count} temporary file(s) a crash left", stash=self.name, count=swept)
         self._attributes = _takesAttributes(self._undo)
         self._spares = []
         try:
