@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -21,7 +22,7 @@ from .config import Config, ConfigError, StashSpec
 from .failqueue import FileFailQueue
 from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
-from .interfaces import ILocalStorage, IReader, IStartable, IStash
+from .interfaces import ILocalStorage, IPrunable, IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
 from .journal import InlineJournal, Journal, ProcessJournal
 from .metrics import Metrics
@@ -213,6 +214,8 @@ class Container:
         self.recovered = False
         self.startFailures: dict[str, str] = {}
         self._purge: LoopingCall | None = None
+        # (when, the next UOW id then), for markerHorizon.
+        self._idsSeen: deque[tuple[float, int]] = deque()
 
     def lacksRoom(self, route: str, size: int, reserve: int) -> Path | None:
         """
@@ -314,9 +317,56 @@ class Container:
             self.metrics.recovered.labels(what).inc(count)
         self.recovered = True
         self.retries.start()
-        self._purge = LoopingCall(self._forgetOldStates)
+        self._idsSeen.append((self.clock.seconds(), self.ids.first))
+        self._purge = LoopingCall(self._housekeeping)
         self._purge.clock = self.clock
         self._purge.start(min(self.config.idempotencyRetention, 3600.0), now=False)
+
+    def _housekeeping(self) -> Deferred[Any]:
+        """
+        Forget what the retention lets go: old final states, and the old
+        rollback markers of the stashes that keep them.
+        """
+        return DeferredList([self._forgetOldStates(), Deferred.fromCoroutine(self._pruneMarkers())])
+
+    def markerHorizon(self) -> int | None:
+        """
+        The UOW id below which no UOW can see a stash call any more: the
+        next id of C{idempotency.retention_s} ago (ids seen at start and at
+        each housekeeping), and below every UOW under way, failed or
+        unsettled. L{None} until the server has run for the retention.
+        """
+        now = self.clock.seconds()
+        self._idsSeen.append((now, self.ids.first))
+        cutoff = now - self.config.idempotencyRetention
+        while len(self._idsSeen) > 1 and self._idsSeen[1][0] <= cutoff:
+            self._idsSeen.popleft()
+        if self._idsSeen[0][0] > cutoff:
+            return None
+        horizon = self._idsSeen[0][1]
+        if self.fanout is not None:
+            horizon = min([horizon, *self.fanout.unsettled, *self.records.underWay()])
+        return min([horizon, *(entry.uow for entry in self.failQueue.list())])
+
+    async def _pruneMarkers(self) -> None:
+        horizon = self.markerHorizon()
+        if horizon is None:
+            return
+        for name, stash in list(self.stashes.items()):
+            if not IPrunable.providedBy(stash):
+                continue
+            try:
+                count = await stash.prune(horizon)
+            except Exception:
+                self.log.failure("stash {stash} could not forget old rollback markers", stash=name)
+                continue
+            if count:
+                self.log.info(
+                    "stash {stash} forgot {count} rollback marker(s) of UOWs before {horizon}",
+                    stash=name,
+                    count=count,
+                    horizon=horizon,
+                )
 
     def _forgetOldStates(self) -> Deferred[None]:
         before = self.clock.seconds() - self.config.idempotencyRetention

@@ -127,6 +127,25 @@ class ILocalStorage(Interface):
         """
 
 
+class IPrunable(Interface):
+    """
+    A stash that keeps a marker for each rolled-back UOW (which blocks a
+    late C{stash} of it) and can forget the old ones. The server calls
+    C{prune} now and then with a horizon below which no UOW can still see a
+    stash call: no attempt of it is under way, failed, or unsettled, and it
+    is older than C{idempotency.retention_s}.
+    """
+
+    def prune(horizon):
+        """
+        Forget the rollback markers of UOWs whose id is below C{horizon};
+        rollback data of stored UOWs (not yet committed) stays.
+
+        @return: A Deferred that fires with how many were forgotten (an
+            C{int}), or L{None} where that is not known.
+        """
+
+
 class IFailQueue(Interface):
     """
     A durable record of UOWs that failed with a 5xx and wait for a retry.

@@ -113,6 +113,12 @@ class UOWRecords:
         """
         return self._active.get(uowId) or self._finished.get(uowId)
 
+    def underWay(self) -> list[int]:
+        """
+        The ids of the UOWs spooled and not yet finished.
+        """
+        return list(self._active)
+
     @property
     def inFlight(self) -> int:
         """

@@ -39,7 +39,7 @@ from .failqueue import RetryPolicy
 from .ingress import Ingress
 from unittest import SkipTest
 
-from .interfaces import IReader, IStash
+from .interfaces import IPrunable, IReader, IStash
 from .uow import Document, UnitOfWork, Verdict
 
 __all__ = ["MemoryStash", "ContainerHarness", "HarnessResponse"]
@@ -52,7 +52,7 @@ class _Undo:
     before: Document | None = None
 
 
-@implementer(IStash, IReader)
+@implementer(IStash, IReader, IPrunable)
 class MemoryStash:
     """
     A stash that keeps documents in a dict, with the same rules as the
@@ -155,6 +155,12 @@ class MemoryStash:
                         later.before = undo.before
         self.undo[uow.id] = _Undo(max(undo.attempt, uow.attempt), "rolledback")
         return succeed(None)
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        old = [uowId for uowId, undo in self.undo.items() if undo.state == "rolledback" and uowId < horizon]
+        for uowId in old:
+            del self.undo[uowId]
+        return succeed(len(old))
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         self._called("commit", uow)
@@ -551,6 +557,22 @@ async def checkRefusalStoresNothing(stash: Any, refuse: Callable[[Any], None]) -
     assert await _read(stash) == b"one", "a refused write changed the document"
 
 
+async def checkPruneForgetsOnlyOldMarkers(stash: Any) -> None:
+    """
+    C{prune(horizon)} forgets the rollback markers of UOWs below the
+    horizon (a late stash of one then stores again), and keeps newer
+    markers and the rollback data of stored UOWs.
+    """
+    await stash.rollback(contractUOW(1, b"one", key="/items/a"))
+    await stash.stash(contractUOW(3, b"three", key="/items/b"))
+    await stash.rollback(contractUOW(5, b"five", key="/items/c"))
+    await stash.prune(4)
+    assert await _kind(stash, contractUOW(5, b"five", key="/items/c")) == "declined", "a newer marker went"
+    await stash.rollback(contractUOW(3, b"three", key="/items/b"))
+    assert await _read(stash, "/items/b") is None, "the rollback data of a stored UOW went"
+    assert await _kind(stash, contractUOW(1, b"one", key="/items/a")) == "stored", "the old marker stayed"
+
+
 CONTRACT = {
     check.__name__[len("check") :]: check
     for check in (
@@ -660,6 +682,16 @@ class StashContractTests:
         case defines this.
         """
         raise NotImplementedError("define refuse() in your test case")
+
+    def test_pruneForgetsOnlyOldMarkers(self) -> None:
+        """
+        A stash that keeps rollback markers (L{IPrunable}) forgets only
+        those below the horizon.
+        """
+        stash = self.makeStash()
+        if not IPrunable.providedBy(stash):
+            raise SkipTest(f"{type(stash).__name__} does not provide IPrunable")
+        self.successResultOf(Deferred.fromCoroutine(checkPruneForgetsOnlyOldMarkers(stash)))
 
     def test_refusalStoresNothing(self) -> None:
         """

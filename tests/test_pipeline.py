@@ -833,3 +833,41 @@ class DiskCostTests(PipelineTestCase):
             self.assertRefused(h.request("PUT", "/items/1", b"x"), 503, "disk_full")
         with self.free(1024 * 1024 + 128 * 1024):
             self.assertEqual(h.request("PUT", "/items/1", b"x").code, 200)
+
+
+class HousekeepingTests(PipelineTestCase):
+    """
+    Rollback markers are forgotten once the retention is over, and never
+    those of a UOW that can still see a stash call.
+    """
+
+    def test_markersOfOldUOWsArePruned(self) -> None:
+        """
+        After idempotency.retention_s (and the next housekeeping), the
+        marker of a rejected UOW is forgotten; the marker of a UOW still in
+        the fail queue, however old, is kept.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b", failWith=422)
+        h = self.build(a, b, retry=RetryPolicy(maxAttempts=1))
+        self.assertEqual(h.request("PUT", "/items/1", b"x").code, 422)
+        b.failWith = 503
+        self.assertEqual(h.request("PUT", "/items/2", b"x").code, 503)
+        self.assertEqual(sorted(a.undo), [1, 2])
+        h.clock.advance(3600)
+        self.assertEqual(sorted(a.undo), [1, 2])
+        h.clock.advance(86400)
+        self.assertEqual(sorted(a.undo), [2])
+        [entry] = h.container.failQueue.list()
+        self.assertEqual((entry.uow, entry.state.value), (2, "parked"))
+
+    def test_horizonWaitsForTheRetention(self) -> None:
+        """
+        Before the server has run for the retention there is no horizon;
+        after it, the horizon is the next id of that time, and never above
+        a UOW under way.
+        """
+        h = self.build(MemoryStash("a"), MemoryStash("b", hang=True))
+        self.assertIsNone(h.container.markerHorizon())
+        h.send("PUT", "/items/1", b"x")
+        h.clock.advance(86400)
+        self.assertEqual(h.container.markerHorizon(), 1)

@@ -14,7 +14,13 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from apicontainer.stashes.postgres import PostgresStash
-from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
+from apicontainer.testing import (
+    CONTRACT,
+    checkInterleaving,
+    checkPruneForgetsOnlyOldMarkers,
+    contractUOW,
+    randomInterleavings,
+)
 from apicontainer.uow import VerdictKind
 
 from .services import POSTGRES_DSN, ThrowawayPostgres, require
@@ -46,6 +52,18 @@ async def test_contract(shared: None, check: Any) -> None:
     stash = await started()
     try:
         await check(stash)
+    finally:
+        drop(stash)
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune(shared: None) -> None:
+    """
+    The postgres stash forgets only the rollback markers below the horizon.
+    """
+    stash = await started()
+    try:
+        await checkPruneForgetsOnlyOldMarkers(stash)
     finally:
         drop(stash)
 

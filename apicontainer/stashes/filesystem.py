@@ -87,7 +87,7 @@ from ..durable import (
     writeAtomically,
     writeFile,
 )
-from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 
@@ -194,7 +194,7 @@ def encodeSegment(segment: str) -> str:
     return encoded
 
 
-@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class FilesystemStash:
     """
     Documents as files under a root directory.
@@ -471,7 +471,9 @@ class FilesystemStash:
             for function, args in operations:
                 uow = args[0]
                 if self._pendingUOWs and (
-                    uow.id in self._pendingUOWs or self._pointer(uow.key) in self._pendingPointers
+                    not isinstance(uow, UnitOfWork)  # a prune: after what is pending
+                    or uow.id in self._pendingUOWs
+                    or self._pointer(uow.key) in self._pendingPointers
                 ):
                     self._flush()
                 try:
@@ -691,6 +693,16 @@ class FilesystemStash:
         for uowId, later in list(self._undos.items()):
             if later["key"] == undo["key"] and later["before"] == undo["target"]:
                 self._writeUndo(uowId, dict(later, before=undo["before"]), sync=True)
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        return self._group.submit(self._prune, horizon)
+
+    def _prune(self, horizon: int) -> int:
+        old = [uowId for uowId in self._rolledBackAttempts if uowId < horizon]
+        for uowId in old:
+            removeFile(self._rolledBack / str(uowId))
+            del self._rolledBackAttempts[uowId]
+        return len(old)
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._group.submit(self._commit, uow)

@@ -51,7 +51,7 @@ from ..childprocess import (
     refused,
     serve,
 )
-from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import unavailable
 
@@ -64,6 +64,8 @@ def _answer(result: Any) -> bytes:
         return frame({"ok": True, "verdict": result.asJSON()})
     if isinstance(result, Document):
         return frame({"ok": True, "type": result.contentType, "uow": result.uow}, result.body)
+    if isinstance(result, int):
+        return frame({"ok": True, "count": result})
     return frame({"ok": True, "none": result is None})
 
 
@@ -79,6 +81,9 @@ def _answers(stash: Any, calls: list[Answer]) -> list[bytes]:
         op = head["op"]
         if op in ("stash", "commit", "rollback"):
             operations.append((getattr(stash, "_" + op), (decodeUOW(head["uow"], body),)))
+            continue
+        if op == "prune":
+            operations.append((stash._prune, (int(head["horizon"]),)))
             continue
         answers.extend(answerBatch(stash._runBatch, operations, _answer))
         operations = []
@@ -122,7 +127,7 @@ def _result(answer: Answer) -> Any:
         return Verdict.fromJSON(head["verdict"])
     if "uow" in head:
         return Document(body, head["type"], head["uow"])
-    return None
+    return head.get("count")
 
 
 # The child of each root that a stash of this server has started, shared by
@@ -132,7 +137,7 @@ def _result(answer: Answer) -> Any:
 _runners: dict[Path, ChildRunner] = {}
 
 
-@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class FilesystemProcessStash:
     """
     A L{FilesystemStash} run by a child process: the server's side.
@@ -199,6 +204,9 @@ class FilesystemProcessStash:
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
         return self._uowCall("rollback", uow)
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        return self._call({"op": "prune", "horizon": horizon})
 
     def read(self, key: str) -> Deferred[Document | None]:
         return self._call({"op": "read", "key": key})

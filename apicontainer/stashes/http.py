@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext
 from ..transactions import immediate
@@ -43,7 +43,7 @@ class DownstreamError(Exception):
     """
 
 
-@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class HTTPStash:
     """
     A downstream HTTP API as a stash.
@@ -100,6 +100,14 @@ class HTTPStash:
     @property
     def files(self) -> tuple[Path, ...]:
         return (self._undoPath,)
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        def delete() -> int:
+            with immediate(self._local()) as db:
+                cursor = db.execute("DELETE FROM undo WHERE state = ? AND uow < ?", (ROLLED_BACK, horizon))
+            return int(cursor.rowcount)
+
+        return self._blocking(delete)
 
     def bytesFor(self, size: int) -> int:
         # The before-image fetched from downstream, kept in the undo database.

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import StashSpec
-from ..interfaces import IProbe, IReader, IStartable, IStash
+from ..interfaces import IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 from .sqldocuments import DocumentTables, tableOption
@@ -33,7 +33,7 @@ def _unavailable() -> tuple[type[BaseException], ...]:
     return (psycopg.OperationalError, psycopg.InterfaceError, adbapi.ConnectionLost)
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
+@implementer(IStash, IReader, IStartable, IProbe, IPrunable)
 class PostgresStash:
     """
     Documents in one PostgreSQL table, with an undo table beside it.
@@ -129,6 +129,9 @@ class PostgresStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._run(self._tables.commit, uow)
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        return self._run(self._tables.prune, horizon)
 
     def probe(self) -> Deferred[None]:
         return self._run(lambda cursor: cursor.execute("SELECT 1"))

@@ -180,6 +180,16 @@ class DocumentTables:
         """
         cursor.execute(self._sql('DELETE FROM "{u}" WHERE uow = ?'), (uow.id,))
 
+    def prune(self, cursor: Any, horizon: int) -> int:
+        """
+        Forget the rollback markers of UOWs below C{horizon}, in the
+        caller's transaction.
+
+        @return: How many were forgotten.
+        """
+        cursor.execute(self._sql('DELETE FROM "{u}" WHERE state = ? AND uow < ?'), (ROLLED_BACK, horizon))
+        return int(cursor.rowcount)
+
     def read(self, cursor: Any, key: str) -> Document | None:
         """
         The current document under C{key}, if any.

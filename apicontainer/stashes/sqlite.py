@@ -20,7 +20,7 @@ from zope.interface import implementer
 from ..blocking import Blocking
 from ..config import StashSpec
 from ..groupcommit import GroupCommit, Operation, Outcome, each
-from ..interfaces import ILocalStorage, IProbe, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 from .sqldocuments import DocumentTables, tableOption
@@ -29,7 +29,7 @@ from ..transactions import immediate
 T = TypeVar("T")
 
 
-@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage)
+@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class SQLiteStash:
     """
     Documents in one SQLite table, with an undo table beside it.
@@ -134,6 +134,9 @@ class SQLiteStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._inTransaction(self._tables.commit, uow)
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        return self._inTransaction(self._tables.prune, horizon)
 
     def probe(self) -> Deferred[None]:
         return self._blocking(lambda: self._db().execute("SELECT 1").fetchone() and None)
