@@ -12,7 +12,13 @@ import pytest
 import pytest_twisted
 
 from apicontainer.stashes.redis import RedisStash, parseURL
-from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
+from apicontainer.testing import (
+    CONTRACT,
+    checkInterleaving,
+    checkPruneForgetsOnlyOldMarkers,
+    contractUOW,
+    randomInterleavings,
+)
 from apicontainer.uow import VerdictKind
 
 from .services import REDIS, ThrowawayRedis, require
@@ -47,6 +53,18 @@ async def test_contract(shared: None, check: Any) -> None:
     stash = await started()
     try:
         await check(stash)
+    finally:
+        await cleanUp(stash)
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune(shared: None) -> None:
+    """
+    The redis stash forgets only the rollback markers below the horizon.
+    """
+    stash = await started()
+    try:
+        await checkPruneForgetsOnlyOldMarkers(stash)
     finally:
         await cleanUp(stash)
 

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import StashSpec
-from ..interfaces import IProbe, IReader, IStartable, IStash
+from ..interfaces import IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
 
@@ -103,6 +103,18 @@ redis.call('HSET', KEYS[2], 'attempt', tostring(attempt), 'state', 'rolledback',
 return 1
 """
 
+PRUNE = r"""
+local n = 0
+for _, key in ipairs(KEYS) do
+  local id = tonumber(string.match(key, 'undo:(%d+)$'))
+  if id and id < tonumber(ARGV[1]) and redis.call('HGET', key, 'state') == 'rolledback' then
+    redis.call('DEL', key)
+    n = n + 1
+  end
+end
+return n
+"""
+
 COMMIT = r"""
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -132,7 +144,7 @@ def parseURL(url: str) -> dict[str, Any]:
     }
 
 
-@implementer(IStash, IReader, IStartable, IProbe)
+@implementer(IStash, IReader, IStartable, IProbe, IPrunable)
 class RedisStash:
     """
     Documents in Redis, applied and undone by Lua scripts.
@@ -247,6 +259,21 @@ class RedisStash:
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._client().eval(COMMIT, self._keys(uow), [str(uow.id)]).addCallback(lambda _: None)  # type: ignore[no-any-return]
+
+    def prune(self, horizon: int) -> Deferred[int]:
+        return Deferred.fromCoroutine(self._prune(horizon))
+
+    async def _prune(self, horizon: int) -> int:
+        # SCAN a page of undo keys at a time; the script deletes only
+        # markers, so a key that became prepared meanwhile stays.
+        cursor, count = 0, 0
+        while True:
+            cursor, keys = await self._client().scan(cursor, f"{self.prefix}undo:*", 1000)
+            names = [k.decode() if isinstance(k, bytes) else k for k in keys]
+            if names:
+                count += int(await self._client().eval(PRUNE, names, [str(horizon)]))
+            if int(cursor) == 0:
+                return count
 
     def probe(self) -> Deferred[None]:
         return self._client().ping().addCallback(lambda _: None)  # type: ignore[no-any-return]
