@@ -804,9 +804,9 @@ class DiskCostTests(PipelineTestCase):
     def test_localStashesCount(self) -> None:
         """
         With a SQLite stash on the spool's disk, a 100 KiB write needs room
-        for the spool file and about three copies in SQLite: 600 KiB free is
-        not enough (503 disk_full, nothing spooled, no stash called), 1 MiB
-        is.
+        for the spool file, about three copies in SQLite and a checkpoint's
+        worth of pages (4000 KiB): 4 MiB free is not enough (503 disk_full,
+        nothing spooled, no stash called), 5 MiB is.
         """
         from apicontainer.blocking import inline
         from apicontainer.stashes.sqlite import SQLiteStash
@@ -816,12 +816,12 @@ class DiskCostTests(PipelineTestCase):
         h = ContainerHarness(dataDir, [records], limits=Limits(minFreeBytes=0))
         self.dataDir = dataDir
         body = b"x" * 100 * 1024
-        with self.free(600 * 1024):
+        with self.free(4 * 1024 * 1024):
             response = h.request("PUT", "/items/1", body)
         self.assertRefused(response, 503, "disk_full")
         self.assertEqual(self.spooled(), [])
         self.assertIsNone(self.successResultOf(records.read("/items/1")))
-        with self.free(1024 * 1024):
+        with self.free(5 * 1024 * 1024):
             self.assertEqual(h.request("PUT", "/items/1", body).code, 200)
 
     def test_reserveIsKept(self) -> None:

@@ -28,6 +28,9 @@ from ..transactions import immediate
 
 T = TypeVar("T")
 
+# SQLite's default wal_autocheckpoint (1000 pages) of its default page size.
+CHECKPOINT_BYTES = 1000 * 4096
+
 
 @implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class SQLiteStash:
@@ -70,9 +73,10 @@ class SQLiteStash:
         return (self.path,)
 
     def bytesFor(self, size: int) -> int:
-        # The document and its before-image in the write-ahead log, the copy
-        # a checkpoint makes into the database file, and their pages.
-        return 3 * size + 256 * 1024
+        # The document and its before-image in the write-ahead log, and the
+        # copy of them a checkpoint makes into the database file; a
+        # checkpoint copies up to a whole log's worth of pages at once.
+        return 3 * size + CHECKPOINT_BYTES
 
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)
