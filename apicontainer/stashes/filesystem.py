@@ -194,8 +194,30 @@ def encodeSegment(segment: str) -> str:
     return encoded
 
 
+class LocalRoot:
+    """
+    What a filesystem stash, in the server or in a child process, keeps on
+    this machine's disk (L{ILocalStorage}): everything under C{root}.
+    """
+
+    root: Path
+
+    @property
+    def location(self) -> Path:
+        return self.root
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return ()
+
+    def bytesFor(self, size: int) -> int:
+        # The new version's file beside the one it replaces, and the undo
+        # record and directory entries beside them.
+        return size + 64 * 1024
+
+
 @implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
-class FilesystemStash:
+class FilesystemStash(LocalRoot):
     """
     Documents as files under a root directory.
 
@@ -255,19 +277,6 @@ class FilesystemStash:
 
             return FilesystemProcessStash(spec.name, root, context.reactor)
         return cls(spec.name, root, context.blocking)
-
-    @property
-    def location(self) -> Path:
-        return self.root
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        return ()
-
-    def bytesFor(self, size: int) -> int:
-        # The new version's file beside the one it replaces, and the undo
-        # record and directory entries beside them.
-        return size + 64 * 1024
 
     def start(self) -> Deferred[None]:
         return self._blocking(self._open)

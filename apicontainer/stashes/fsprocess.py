@@ -54,6 +54,7 @@ from ..childprocess import (
 from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import unavailable
+from .filesystem import LocalRoot
 
 
 # The child.
@@ -138,7 +139,7 @@ _runners: dict[Path, ChildRunner] = {}
 
 
 @implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
-class FilesystemProcessStash:
+class FilesystemProcessStash(LocalRoot):
     """
     A L{FilesystemStash} run by a child process: the server's side.
     """
@@ -148,19 +149,6 @@ class FilesystemProcessStash:
         self.root = root
         self._reactor = reactor
         self._runner: ChildRunner | None = None
-
-    @property
-    def location(self) -> Path:
-        return self.root
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        return ()
-
-    def bytesFor(self, size: int) -> int:
-        # The new version's file beside the one it replaces, and the undo
-        # record and directory entries beside them.
-        return size + 64 * 1024
 
     def start(self) -> Deferred[None]:
         if self._runner is None:
