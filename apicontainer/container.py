@@ -331,9 +331,10 @@ class Container:
 
     def markerHorizon(self) -> int | None:
         """
-        The UOW id below which no UOW can see a stash call any more: the
-        next id of C{idempotency.retention_s} ago (ids seen at start and at
-        each housekeeping), and below every UOW under way, failed or
+        The attempt id below which no attempt can see a stash call any
+        more: the next id (UOW and attempt ids share one sequence) of
+        C{idempotency.retention_s} ago, from the ids seen at start and at
+        each housekeeping, and below every UOW under way, failed or
         unsettled. L{None} until the server has run for the retention.
         """
         now = self.clock.seconds()
@@ -362,7 +363,7 @@ class Container:
                 continue
             if count:
                 self.log.info(
-                    "stash {stash} forgot {count} rollback marker(s) of UOWs before {horizon}",
+                    "stash {stash} forgot {count} rollback marker(s) of attempts before {horizon}",
                     stash=name,
                     count=count,
                     horizon=horizon,

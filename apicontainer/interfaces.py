@@ -130,16 +130,18 @@ class ILocalStorage(Interface):
 class IPrunable(Interface):
     """
     A stash that keeps a marker for each rolled-back UOW (which blocks a
-    late C{stash} of it) and can forget the old ones. The server calls
-    C{prune} now and then with a horizon below which no UOW can still see a
-    stash call: no attempt of it is under way, failed, or unsettled, and it
-    is older than C{idempotency.retention_s}.
+    late C{stash} of it) and can forget the old ones. Attempt ids come from
+    the UOW id sequence; the server calls C{prune} now and then with a
+    horizon below which no attempt can still see a stash call: it started
+    more than C{idempotency.retention_s} ago, and below every UOW under way,
+    failed or unsettled.
     """
 
     def prune(horizon):
         """
-        Forget the rollback markers of UOWs whose id is below C{horizon};
-        rollback data of stored UOWs (not yet committed) stays.
+        Forget the rollback markers whose attempt id (the latest attempt
+        they block) is below C{horizon}; rollback data of stored UOWs (not
+        yet committed) stays.
 
         @return: A Deferred that fires with how many were forgotten (an
             C{int}), or L{None} where that is not known.

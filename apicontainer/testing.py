@@ -157,7 +157,7 @@ class MemoryStash:
         return succeed(None)
 
     def prune(self, horizon: int) -> Deferred[int]:
-        old = [uowId for uowId, undo in self.undo.items() if undo.state == "rolledback" and uowId < horizon]
+        old = [uowId for uowId, undo in self.undo.items() if undo.state == "rolledback" and undo.attempt < horizon]
         for uowId in old:
             del self.undo[uowId]
         return succeed(len(old))
@@ -559,15 +559,19 @@ async def checkRefusalStoresNothing(stash: Any, refuse: Callable[[Any], None]) -
 
 async def checkPruneForgetsOnlyOldMarkers(stash: Any) -> None:
     """
-    C{prune(horizon)} forgets the rollback markers of UOWs below the
-    horizon (a late stash of one then stores again), and keeps newer
-    markers and the rollback data of stored UOWs.
+    C{prune(horizon)} forgets the rollback markers whose attempt is below
+    the horizon (a late stash of one then stores again), and keeps newer
+    markers, also of an older UOW rolled back in a later attempt, and the
+    rollback data of stored UOWs.
     """
     await stash.rollback(contractUOW(1, b"one", key="/items/a"))
+    await stash.rollback(contractUOW(2, b"two", key="/items/d", attempt=9))
     await stash.stash(contractUOW(3, b"three", key="/items/b"))
     await stash.rollback(contractUOW(5, b"five", key="/items/c"))
     await stash.prune(4)
     assert await _kind(stash, contractUOW(5, b"five", key="/items/c")) == "declined", "a newer marker went"
+    late = contractUOW(2, b"two", key="/items/d", attempt=9)
+    assert await _kind(stash, late) == "declined", "the marker of a recent attempt went"
     await stash.rollback(contractUOW(3, b"three", key="/items/b"))
     assert await _read(stash, "/items/b") is None, "the rollback data of a stored UOW went"
     assert await _kind(stash, contractUOW(1, b"one", key="/items/a")) == "stored", "the old marker stayed"

@@ -707,7 +707,7 @@ class FilesystemStash(LocalRoot):
         return self._group.submit(self._prune, horizon)
 
     def _prune(self, horizon: int) -> int:
-        old = [uowId for uowId in self._rolledBackAttempts if uowId < horizon]
+        old = [uowId for uowId, attempt in self._rolledBackAttempts.items() if attempt < horizon]
         for uowId in old:
             removeFile(self._rolledBack / str(uowId))
             del self._rolledBackAttempts[uowId]

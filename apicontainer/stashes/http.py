@@ -104,7 +104,7 @@ class HTTPStash:
     def prune(self, horizon: int) -> Deferred[int]:
         def delete() -> int:
             with immediate(self._local()) as db:
-                cursor = db.execute("DELETE FROM undo WHERE state = ? AND uow < ?", (ROLLED_BACK, horizon))
+                cursor = db.execute("DELETE FROM undo WHERE state = ? AND attempt < ?", (ROLLED_BACK, horizon))
             return int(cursor.rowcount)
 
         return self._blocking(delete)

@@ -106,8 +106,8 @@ return 1
 PRUNE = r"""
 local n = 0
 for _, key in ipairs(KEYS) do
-  local id = tonumber(string.match(key, 'undo:(%d+)$'))
-  if id and id < tonumber(ARGV[1]) and redis.call('HGET', key, 'state') == 'rolledback' then
+  local u = redis.call('HMGET', key, 'state', 'attempt')
+  if u[1] == 'rolledback' and tonumber(u[2]) < tonumber(ARGV[1]) then
     redis.call('DEL', key)
     n = n + 1
   end
@@ -264,7 +264,7 @@ class RedisStash:
         return Deferred.fromCoroutine(self._prune(horizon))
 
     async def _prune(self, horizon: int) -> int:
-        # SCAN a page of undo keys at a time; the script deletes only
+        # SCAN a page of undo keys at a time; the script deletes only old
         # markers, so a key that became prepared meanwhile stays.
         cursor, count = 0, 0
         while True:

@@ -182,12 +182,12 @@ class DocumentTables:
 
     def prune(self, cursor: Any, horizon: int) -> int:
         """
-        Forget the rollback markers of UOWs below C{horizon}, in the
-        caller's transaction.
+        Forget the rollback markers whose attempt is below C{horizon}, in
+        the caller's transaction.
 
         @return: How many were forgotten.
         """
-        cursor.execute(self._sql('DELETE FROM "{u}" WHERE state = ? AND uow < ?'), (ROLLED_BACK, horizon))
+        cursor.execute(self._sql('DELETE FROM "{u}" WHERE state = ? AND attempt < ?'), (ROLLED_BACK, horizon))
         return int(cursor.rowcount)
 
     def read(self, cursor: Any, key: str) -> Document | None:
