@@ -20,13 +20,10 @@ from .auth import BearerTokens
 from .config import ConfigError
 from .interfaces import IProbe
 from .openapi import describe
-from .container import Container
+from .container import BeingRetried, Container, NotFailed
 from .failqueue import FailedState
 from .records import UOWState
 from .responses import errorResponse, jsonResponse
-from .spool import CorruptSpoolFile
-from .states import FinalState, StateRecord
-from .uow import UnitOfWork
 
 
 PAGE = Path(__file__).with_name("failqueue.html")
@@ -260,27 +257,14 @@ class AdminAPI:
         refusal = self._unauthorized(request)
         if refusal:
             return refusal
-        container = self._container
-        entry = container.failQueue.get(uowId)
-        if entry is None:
+        try:
+            entry = await self._container.drop(uowId)
+        except NotFailed:
             return errorResponse(request, 404, "not_failed", f"UOW {uowId} is not in the fail queue")
-        if entry.state is FailedState.retrying:
+        except BeingRetried:
             return errorResponse(
                 request, 409, "retrying", f"UOW {uowId} is being retried; try again when it ends"
             )
-        try:
-            uow: UnitOfWork | None = await container.spool.load(uowId)
-        except (CorruptSpoolFile, FileNotFoundError):
-            uow = None
-        await container.states.record(
-            StateRecord.of(FinalState.dropped, entry.report, entry.route, container.clock.seconds(), uow)
-        )
-        if uow is not None:
-            container.idempotency.release(uow)
-        await container.failQueue.drop(uowId)
-        await container.spool.delete(uowId)
-        container.records.mark(uowId, UOWState.dropped)
-        self.log.warn("UOW {uow} dropped by an operator", uow=uowId, key=entry.key)
         record: dict[str, Any] = {**entry.asJSON(), "state": UOWState.dropped.value}
         return jsonResponse(request, 200, record)
 

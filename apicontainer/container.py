@@ -19,19 +19,19 @@ from twisted.logger import Logger
 
 from .blocking import Blocking
 from .config import Config, ConfigError, StashSpec
-from .failqueue import FileFailQueue
+from .failqueue import FailedState, FailedUOW, FileFailQueue
 from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
 from .interfaces import ILocalStorage, IPrunable, IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
 from .journal import InlineJournal, Journal, ProcessJournal
 from .metrics import Metrics
-from .records import UOWRecords
+from .records import UOWRecords, UOWState
 from .recovery import recover
 from .retry import RetryEngine
 from .registry import stashFactory
-from .spool import Spool
-from .states import StateStore
+from .spool import CorruptSpoolFile, Spool
+from .states import FinalState, StateRecord, StateStore
 from .stashes import StashContext
 from .uow import UnitOfWork
 from .uowids import UOWIds
@@ -140,6 +140,18 @@ async def _stopAll(stashes: Sequence[tuple[str, IStash, float]], clock: IReactor
 
 
 _log = Logger(namespace="apicontainer.container")
+
+
+class NotFailed(Exception):
+    """
+    The UOW is not in the fail queue.
+    """
+
+
+class BeingRetried(Exception):
+    """
+    The UOW is in the fail queue, and an attempt at it is under way.
+    """
 
 
 class Container:
@@ -512,6 +524,37 @@ class Container:
             self.clock,
         )
         await self.journal.stop()
+
+    async def drop(self, uowId: int) -> FailedUOW:
+        """
+        Drop a failed UOW for good, on an operator's word: record it as
+        dropped (its Idempotency-Key then answers 410), then forget its fail
+        queue entry and its spool file. A crash in between leaves them for
+        recovery, which sees the final state and only cleans up.
+
+        @return: The fail queue entry it had.
+        @raise NotFailed: It is not in the fail queue.
+        @raise BeingRetried: An attempt at it is under way.
+        """
+        entry = self.failQueue.get(uowId)
+        if entry is None:
+            raise NotFailed(uowId)
+        if entry.state is FailedState.retrying:
+            raise BeingRetried(uowId)
+        try:
+            uow: UnitOfWork | None = await self.spool.load(uowId)
+        except (CorruptSpoolFile, FileNotFoundError):
+            uow = None
+        await self.states.record(
+            StateRecord.of(FinalState.dropped, entry.report, entry.route, self.clock.seconds(), uow)
+        )
+        if uow is not None:
+            self.idempotency.release(uow)
+        await self.failQueue.drop(uowId)
+        await self.spool.delete(uowId)
+        self.records.mark(uowId, UOWState.dropped)
+        self.log.warn("UOW {uow} dropped by an operator", uow=uowId, key=entry.key)
+        return entry
 
     async def submit(self, request: UnitOfWork) -> Admission:
         """
