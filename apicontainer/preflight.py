@@ -1,7 +1,10 @@
 """
-Checks of a configuration's paths that change nothing: run by
-C{apicontainer check-config} and before the server opens its data
-directory, so that a configuration that passes one starts the other.
+Checks of a configuration's paths that change nothing, run by
+C{apicontainer check-config}. The server checks its data directory the
+same way before it opens it; a stash's path that is wrong at start is, like
+a destination that is down, a stash that failed to start (an alarm on
+C{/_health}, its UOWs queued), so that a restart during such an outage
+still serves the other routes and keeps every write.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_checkConfigPaths(tmp_path: Path) -> None:
     check-config runs every check that changes nothing: a data_dir that is a
     file, or under a file or under /proc, and a SQLite path that is a
     directory, are refused with one line each and exit status 78, and
-    nothing is created; the server refuses the same at start.
+    nothing is created; the server refuses a wrong data_dir at start.
     """
     (tmp_path / "afile").write_bytes(b"")
     (tmp_path / "adir.sqlite3").mkdir()
