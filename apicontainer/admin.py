@@ -21,9 +21,8 @@ from .config import ConfigError
 from .interfaces import IProbe
 from .openapi import describe
 from .container import BeingRetried, Container, NotFailed
-from .failqueue import FailedState
-from .records import UOWState
 from .responses import errorResponse, jsonResponse
+from .uow import FAILED, Status
 
 
 PAGE = Path(__file__).with_name("failqueue.html")
@@ -77,10 +76,10 @@ class AdminAPI:
         Alive, with the counts an operator looks at first.
         """
         failQueue = self._container.failQueue
-        counts = {state.value: len(failQueue.list(state)) for state in FailedState}
+        counts = {state.value: len(failQueue.list(state)) for state in FAILED}
         alarms = [
             f"{counts[state.value]} UOW(s) {state.value}: an operator must retry or drop them"
-            for state in (FailedState.parked, FailedState.stuck)
+            for state in (Status.parked, Status.stuck)
             if counts[state.value]
         ]
         unsettled = len(self._container.fanout.unsettled) if self._container.fanout else 0
@@ -214,9 +213,11 @@ class AdminAPI:
         state = None
         if states:
             try:
-                state = FailedState(states[0].decode("ascii", "replace"))
+                state = Status(states[0].decode("ascii", "replace"))
+                if state not in FAILED:
+                    raise ValueError(state)
             except ValueError:
-                known = ", ".join(s.value for s in FailedState)
+                known = ", ".join(s.value for s in FAILED)
                 return errorResponse(request, 400, "bad_state", f"state is one of: {known}")
         entries = self._container.failQueue.list(state)
         return jsonResponse(request, 200, {"failed": [e.asJSON() for e in entries]})
@@ -265,7 +266,7 @@ class AdminAPI:
             return errorResponse(
                 request, 409, "retrying", f"UOW {uowId} is being retried; try again when it ends"
             )
-        record: dict[str, Any] = {**entry.asJSON(), "state": UOWState.dropped.value}
+        record: dict[str, Any] = {**entry.asJSON(), "state": Status.dropped.value}
         return jsonResponse(request, 200, record)
 
     @app.handle_errors(NotFound)

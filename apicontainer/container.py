@@ -19,21 +19,21 @@ from twisted.logger import Logger
 
 from .blocking import Blocking
 from .config import Config, ConfigError, StashSpec
-from .failqueue import FailedState, FailedUOW, FileFailQueue
+from .failqueue import FailedUOW, FileFailQueue
 from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
 from .interfaces import ILocalStorage, IPrunable, IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
 from .journal import InlineJournal, Journal, ProcessJournal
 from .metrics import Metrics
-from .records import UOWRecords, UOWState
+from .records import UOWRecords
 from .recovery import recover
 from .retry import RetryEngine
 from .registry import stashFactory
 from .spool import CorruptSpoolFile, Spool
-from .states import FinalState, StateRecord, StateStore
+from .states import StateRecord, StateStore
 from .stashes import StashContext
-from .uow import UnitOfWork
+from .uow import Status, UnitOfWork
 from .uowids import UOWIds
 from .worker import StashWorker
 
@@ -539,20 +539,20 @@ class Container:
         entry = self.failQueue.get(uowId)
         if entry is None:
             raise NotFailed(uowId)
-        if entry.state is FailedState.retrying:
+        if entry.state is Status.retrying:
             raise BeingRetried(uowId)
         try:
             uow: UnitOfWork | None = await self.spool.load(uowId)
         except (CorruptSpoolFile, FileNotFoundError):
             uow = None
         await self.states.record(
-            StateRecord.of(FinalState.dropped, entry.report, entry.route, self.clock.seconds(), uow)
+            StateRecord.of(Status.dropped, entry.report, entry.route, self.clock.seconds(), uow)
         )
         if uow is not None:
             self.idempotency.release(uow)
         await self.failQueue.drop(uowId)
         await self.spool.delete(uowId)
-        self.records.mark(uowId, UOWState.dropped)
+        self.records.mark(uowId, Status.dropped)
         self.log.warn("UOW {uow} dropped by an operator", uow=uowId, key=entry.key)
         return entry
 

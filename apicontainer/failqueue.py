@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import json
 import random
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,24 +23,7 @@ from .blocking import Blocking
 from .durable import makeDirectories, removeDurably, removeTemporaries, writeAtomically
 from .interfaces import IFailQueue
 from .spool import fileName
-from .uow import Report
-
-
-class FailedState(str, Enum):
-    """
-    Where a failed UOW stands.
-
-    @cvar queued: Waiting for its next attempt.
-    @cvar retrying: An attempt is under way.
-    @cvar parked: Out of attempts; waits for an operator.
-    @cvar stuck: A rejected UOW whose rollback kept failing; waits for an
-        operator.
-    """
-
-    queued = "queued"
-    retrying = "retrying"
-    parked = "parked"
-    stuck = "stuck"
+from .uow import Report, Status
 
 
 @frozen
@@ -90,7 +72,7 @@ class FailedUOW:
     uow: int
     key: str
     route: str
-    state: FailedState
+    state: Status
     attempts: int
     report: Report
     firstFailedAt: float
@@ -127,7 +109,7 @@ class FailedUOW:
             uow=int(data["uow"]),
             key=data["key"],
             route=data["route"],
-            state=FailedState(data["state"]),
+            state=Status(data["state"]),
             attempts=int(data["attempts"]),
             report=Report.fromJSON(data["report"]),
             firstFailedAt=float(data["first_failed_at"]),
@@ -175,9 +157,9 @@ class FileFailQueue:
             except (ValueError, KeyError, TypeError):
                 unreadable.append(path)
                 continue
-            if entry.state is FailedState.retrying:
+            if entry.state is Status.retrying:
                 # The process stopped during an attempt: it is due again.
-                entry = evolve(entry, state=FailedState.queued)
+                entry = evolve(entry, state=Status.queued)
             self._entries[entry.uow] = entry
         return unreadable
 
@@ -203,10 +185,10 @@ class FileFailQueue:
         previous = self._entries.get(report.uow)
         attempts = (previous.attempts if previous else 0) + 1
         if attempts < self.retry.maxAttempts:
-            state = FailedState.queued
+            state = Status.queued
             due: float | None = now + self.retry.jittered(attempts, self._uniform())
         else:
-            state, due = (FailedState.stuck if compensate else FailedState.parked), None
+            state, due = (Status.stuck if compensate else Status.parked), None
         return FailedUOW(
             uow=report.uow,
             key=report.key,
@@ -234,7 +216,7 @@ class FileFailQueue:
     def get(self, uowId: int) -> FailedUOW | None:
         return self._entries.get(uowId)
 
-    def list(self, state: FailedState | None = None) -> builtins.list[FailedUOW]:
+    def list(self, state: Status | None = None) -> builtins.list[FailedUOW]:
         return [
             self._entries[uowId]
             for uowId in sorted(self._entries)
@@ -249,18 +231,18 @@ class FileFailQueue:
         @return: The entry, marked as retrying, or L{None}.
         """
         entry = self._entries.get(uowId)
-        if entry is None or entry.state is FailedState.retrying:
+        if entry is None or entry.state is Status.retrying:
             return None
-        entry = evolve(entry, state=FailedState.retrying)
+        entry = evolve(entry, state=Status.retrying)
         self._entries[uowId] = entry
         return entry
 
     def takeDue(self) -> builtins.list[FailedUOW]:
         now = self._clock.seconds()
         due = []
-        for entry in self.list(FailedState.queued):
+        for entry in self.list(Status.queued):
             if entry.nextAttemptAt is not None and entry.nextAttemptAt <= now:
-                entry = evolve(entry, state=FailedState.retrying)
+                entry = evolve(entry, state=Status.retrying)
                 self._entries[entry.uow] = entry
                 due.append(entry)
         return due

@@ -19,10 +19,10 @@ from .frontqueue import Admission, FrontQueue
 from .idempotency import IdempotencyIndex
 from .journal import Journal
 from .metrics import Metrics
-from .records import UOWRecords, UOWState
+from .records import UOWRecords
 from .spool import Spool
-from .states import FinalState, StateRecord, StateStore
-from .uow import Outcome, Report, UnitOfWork, Verdict
+from .states import StateRecord, StateStore
+from .uow import Report, Status, UnitOfWork, Verdict
 from .worker import Delivery, StashWorker
 
 # Seconds to wait before each new try of a failed commit.
@@ -64,7 +64,7 @@ class Unsettled:
             "uow": self.uow.id,
             "key": self.uow.key,
             "route": self.uow.route,
-            "state": UOWState.unsettled.value,
+            "state": Status.unsettled.value,
             "attempt_id": self.uow.attempt,
             "unsettled_tries": self.tries,
             "next_attempt_at": self.dueAt,
@@ -223,7 +223,7 @@ class Fanout:
         tries = previous.tries + 1 if previous is not None else 1
         delay = self._failQueue.retry.delayAfter(tries)
         self.unsettled[uow.id] = Unsettled(uow, entry, tries, self._clock.seconds() + delay, reason)
-        self._records.finish(uow, UOWState.unsettled, None)
+        self._records.finish(uow, Status.unsettled, None)
         self.log.error(
             "UOW {uow} on {key} is unsettled ({reason}); its spool file stays and it is"
             " re-driven in {delay:.0f}s",
@@ -267,7 +267,7 @@ class Fanout:
             queued = self._failQueue.failed(report, uow.route)
             await self._failQueue.put(queued)
             self._logReport(uow, report, queued.state.value)
-            self._records.finish(uow, UOWState.queued, report)
+            self._records.finish(uow, Status.queued, report)
             return report
         names = routing.routes[uow.route]
         if uow.isRetry:
@@ -278,26 +278,26 @@ class Fanout:
             report = entry.report
         else:
             report = await self._deliver(uow, names, routing)
-        if report.outcome is Outcome.stored:
+        if report.outcome is Status.stored:
             await self._commit(uow, names, routing)
-            await self._finish(uow, FinalState.stored, report)
+            await self._finish(uow, Status.stored, report)
             return report
         unfinished = await self._everywhere("rollback", uow, _toRollBack(report, names, entry), routing)
-        if unfinished or report.outcome is Outcome.queued:
-            compensate = report.outcome is Outcome.rejected
+        if unfinished or report.outcome is Status.queued:
+            compensate = report.outcome is Status.rejected
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
             try:
                 await self._failQueue.put(queued)
             except Exception as e:
                 self.log.failure("UOW {uow} could not be recorded in the fail queue", uow=uow.id)
-                self._logReport(uow, report, UOWState.unsettled.value)
+                self._logReport(uow, report, Status.unsettled.value)
                 self.unsettle(uow, entry, f"the fail queue could not be written: {e}")
                 return report
             reach("after-failqueue-write")
             self._logReport(uow, report, queued.state.value)
-            self._records.finish(uow, UOWState.queued, report)
+            self._records.finish(uow, Status.queued, report)
             return report
-        await self._finish(uow, FinalState.rejected, report)
+        await self._finish(uow, Status.rejected, report)
         return report
 
     async def _deliver(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> Report:
@@ -326,12 +326,12 @@ class Fanout:
         if unfinished:
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate=True)
             await self._failQueue.put(queued)
-            self._records.finish(uow, UOWState.queued, report)
+            self._records.finish(uow, Status.queued, report)
             return report
-        await self._finish(uow, FinalState.superseded, report)
+        await self._finish(uow, Status.superseded, report)
         return report
 
-    async def _finish(self, uow: UnitOfWork, state: FinalState, report: Report) -> None:
+    async def _finish(self, uow: UnitOfWork, state: Status, report: Report) -> None:
         """
         Record the final state durably, then forget the fail queue entry and
         the spool file. A crash in between leaves them for recovery, which
@@ -354,7 +354,7 @@ class Fanout:
             # Settled all the same; recovery finds the final state and cleans up.
             self.log.failure("spool file of UOW {uow} could not be deleted", Failure(removal), uow=uow.id)
         self._logReport(uow, report, state.value)
-        self._records.finish(uow, UOWState(state.value), report)
+        self._records.finish(uow, state, report)
 
     async def _commit(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> None:
         """

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from .blocking import Blocking
 
 Operation = tuple[Callable[..., Any], tuple[Any, ...]]
-Outcome = tuple[bool, Any]
+Result = tuple[bool, Any]
 
 
 class GroupCommit:
@@ -27,7 +27,7 @@ class GroupCommit:
     batch fails with that error. One batch runs at a time.
     """
 
-    def __init__(self, blocking: Blocking, runBatch: Callable[[Sequence[Operation]], list[Outcome]]) -> None:
+    def __init__(self, blocking: Blocking, runBatch: Callable[[Sequence[Operation]], list[Result]]) -> None:
         self._blocking = blocking
         self._runBatch = runBatch
         self._pending: list[tuple[Operation, Deferred[Any]]] = []
@@ -70,12 +70,12 @@ class GroupCommit:
         self._blocking(self._runBatch, [operation for operation, _ in batch]).addBoth(settled)
 
 
-def each(operations: Sequence[Operation], run: Callable[[Operation], Any]) -> list[Outcome]:
+def each(operations: Sequence[Operation], run: Callable[[Operation], Any]) -> list[Result]:
     """
     Run every operation through C{run}, turning each error into a failed
     outcome: a helper for C{runBatch} implementations.
     """
-    outcomes: list[Outcome] = []
+    outcomes: list[Result] = []
     for operation in operations:
         try:
             outcomes.append((True, run(operation)))
@@ -84,7 +84,7 @@ def each(operations: Sequence[Operation], run: Callable[[Operation], Any]) -> li
     return outcomes
 
 
-def runEach(operations: Sequence[Operation]) -> list[Outcome]:
+def runEach(operations: Sequence[Operation]) -> list[Result]:
     """
     A C{runBatch} that calls every operation in turn and needs no sync of
     its own.

@@ -15,8 +15,8 @@ import re
 from attrs import frozen
 
 from .failqueue import FileFailQueue
-from .states import FinalState, StateRecord, StateStore
-from .uow import Report, UnitOfWork
+from .states import StateRecord, StateStore
+from .uow import Report, Status, UnitOfWork
 
 MAX_KEY_LENGTH = 255
 _KEY = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_KEY_LENGTH)
@@ -138,6 +138,6 @@ class IdempotencyIndex:
 def _replayOf(record: StateRecord, payloadHash: str) -> Replay:
     if record.payloadHash != payloadHash:
         raise KeyConflict(422, "this Idempotency-Key was used for a different request")
-    if record.state is FinalState.dropped or record.report is None:
+    if record.state is Status.dropped or record.report is None:
         raise KeyConflict(410, "the request with this Idempotency-Key was dropped by an operator")
     return Replay(Report.fromJSON(record.report), None)

@@ -27,7 +27,7 @@ from .keys import BadKey, keyFromPath
 from .responses import errorResponse, jsonResponse
 from .spool import SpoolError, SpoolFull
 from .idempotency import BadIdempotencyKey, KeyConflict, validateKey
-from .uow import MUTATING_METHODS, Outcome, Report, SpooledBody, UnitOfWork
+from .uow import MUTATING_METHODS, Status, Report, SpooledBody, UnitOfWork
 
 READING_METHODS = frozenset({"GET", "HEAD"})
 _ALLOW_MUTATIONS = "DELETE, PATCH, POST, PUT"
@@ -256,7 +256,7 @@ class Ingress:
                 location=location,
             )
         return self._answer(
-            request, report, location if report.outcome is Outcome.queued else None
+            request, report, location if report.outcome is Status.queued else None
         )
 
     def _answer(

@@ -63,8 +63,8 @@ from .childprocess import (
 from .crashpoints import reach
 from .groupcommit import Operation
 from .spool import Spool, SpoolError, SpoolFull
-from .states import FinalState, StateRecord, StateStore
-from .uow import INLINE_BODY_BYTES, UnitOfWork
+from .states import StateRecord, StateStore
+from .uow import INLINE_BODY_BYTES, Status, UnitOfWork
 
 
 class Journal(Protocol):
@@ -143,7 +143,7 @@ def _recordFields(r: StateRecord) -> list[Any]:
 
 def _record(fields: list[Any]) -> StateRecord:
     uow, key, route, state, *rest = fields
-    return StateRecord(uow, key, route, FinalState(state), *rest)
+    return StateRecord(uow, key, route, Status(state), *rest)
 
 
 # The child.

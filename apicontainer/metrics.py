@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from .uow import FAILED
 
 if TYPE_CHECKING:
     from .container import Container
@@ -87,11 +88,9 @@ class _ContainerGauges(Collector):
         self._container = container
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from .failqueue import FailedState
-
         failQueue = self._container.failQueue
         depth = GaugeMetricFamily("apicontainer_failqueue", "UOWs in the fail queue, by state.", labels=["state"])
-        for state in FailedState:
+        for state in FAILED:
             depth.add_metric([state.value], len(failQueue.list(state)))
         yield depth
         files = total = 0

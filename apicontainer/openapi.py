@@ -11,7 +11,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .failqueue import FailedState
+from .uow import FAILED
 
 _PARAMETER = re.compile(r"<(?:(?P<converter>[a-z]+)(?:\([^)]*\))?:)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)>")
 _TYPES = {"int": {"type": "integer"}, "float": {"type": "number"}}
@@ -150,7 +150,7 @@ def _admin(secured: bool) -> dict[str, Any]:
         "/_failed": {
             "get": {
                 "operationId": "failed",
-                "parameters": [{"name": "state", "in": "query", "required": False, "schema": {"enum": [s.value for s in FailedState]}}],
+                "parameters": [{"name": "state", "in": "query", "required": False, "schema": {"enum": [s.value for s in FAILED]}}],
                 "responses": {"200": _json(anyObject, "The fail queue, oldest first"), "400": _error("Unknown state"), **common},
             }
         },

@@ -5,31 +5,11 @@ What became of each recent UOW, for C{GET /_uow/<id>}.
 from __future__ import annotations
 
 from collections import OrderedDict
-from enum import Enum
 from typing import Any
 
 from attrs import define
 
-from .uow import Report, UnitOfWork
-
-
-class UOWState(str, Enum):
-    """
-    Where a UOW stands in the pipeline.
-
-    @cvar unsettled: Its outcome could not be made durable (the fail queue
-        or the state store could not be written): the running server keeps
-        it and re-drives it until it settles.
-    """
-
-    received = "received"
-    applying = "applying"
-    stored = "stored"
-    rejected = "rejected"
-    superseded = "superseded"
-    queued = "queued"
-    dropped = "dropped"
-    unsettled = "unsettled"
+from .uow import Report, Status, UnitOfWork
 
 
 @define
@@ -41,7 +21,7 @@ class UOWRecord:
     uow: int
     key: str
     route: str
-    state: UOWState
+    state: Status
     attempt: int
     report: Report | None = None
 
@@ -77,7 +57,7 @@ class UOWRecords:
         Record that C{uow} was spooled and waits for the fanout.
         """
         self._finished.pop(uow.id, None)
-        self._active[uow.id] = UOWRecord(uow.id, uow.key, uow.route, UOWState.received, uow.attempt)
+        self._active[uow.id] = UOWRecord(uow.id, uow.key, uow.route, Status.received, uow.attempt)
 
     def applying(self, uow: UnitOfWork) -> None:
         """
@@ -85,9 +65,9 @@ class UOWRecords:
         """
         record = self._active.get(uow.id)
         if record is not None:
-            record.state = UOWState.applying
+            record.state = Status.applying
 
-    def finish(self, uow: UnitOfWork, state: UOWState, report: Report | None) -> None:
+    def finish(self, uow: UnitOfWork, state: Status, report: Report | None) -> None:
         """
         Record the final state of this attempt at C{uow}.
         """
@@ -99,7 +79,7 @@ class UOWRecords:
         while len(self._finished) > self._keep:
             self._finished.popitem(last=False)
 
-    def mark(self, uowId: int, state: UOWState) -> None:
+    def mark(self, uowId: int, state: Status) -> None:
         """
         Change the state of a finished UOW (an operator dropped it).
         """

@@ -9,12 +9,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .failqueue import FailedState, FailedUOW, FileFailQueue
+from .failqueue import FailedUOW, FileFailQueue
 from .fanout import Fanout, Unsettled
 from .metrics import Metrics
 from .frontqueue import FrontQueue
 from .spool import CorruptSpoolFile, Spool
-from .uow import Report
+from .uow import Report, Status
 
 
 class RetryEngine:
@@ -139,7 +139,7 @@ class RetryEngine:
         uow = await self._front.newAttempt(uow)
         report = await self._fanout.submit(uow, entry)
         after = self._failQueue.get(entry.uow)
-        if after is not None and after.state in (FailedState.parked, FailedState.stuck):
+        if after is not None and after.state in (Status.parked, Status.stuck):
             self.log.error(
                 "UOW {uow} on {key} is {state} after {attempts} attempts; an operator must"
                 " retry or drop it",

@@ -47,7 +47,7 @@ from twisted.logger import Logger
 
 from .blocking import Blocking
 from .compactjson import compact
-from .groupcommit import GroupCommit, Operation, Outcome, runEach
+from .groupcommit import GroupCommit, Operation, Result, runEach
 from .durable import (
     fsyncDirectory,
     makeDirectories,
@@ -303,7 +303,7 @@ class Spool:
             return uow
         return evolve(uow, body=SpooledBody(path, len(head), uow.bodyLength))
 
-    def _writeBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def _writeBatch(self, operations: Sequence[Operation]) -> list[Result]:
         outcomes = runEach(operations)
         written = [self.path(uow.id) for ok, uow in outcomes if ok]
         if written:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -26,25 +25,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from .blocking import Blocking
-from .uow import Report, UnitOfWork
-from .groupcommit import GroupCommit, Operation, Outcome, each
+from .uow import Report, Status, UnitOfWork
+from .groupcommit import GroupCommit, Operation, Result, each
 from .transactions import immediate
 
 T = TypeVar("T")
-
-
-class FinalState(str, Enum):
-    """
-    The states a UOW ends in.
-
-    @cvar superseded: A retried or recovered UOW found a newer UOW already
-        stored on its key; it was rolled back instead of applied.
-    """
-
-    stored = "stored"
-    rejected = "rejected"
-    superseded = "superseded"
-    dropped = "dropped"
 
 
 @frozen
@@ -60,7 +45,7 @@ class StateRecord:
     uow: int
     key: str
     route: str
-    state: FinalState
+    state: Status
     status: int
     report: dict[str, Any] | None
     idempotencyKey: str | None
@@ -70,7 +55,7 @@ class StateRecord:
     @classmethod
     def of(
         cls,
-        state: FinalState,
+        state: Status,
         report: Report,
         route: str,
         at: float,
@@ -117,7 +102,7 @@ def _record(row: tuple[Any, ...]) -> StateRecord:
         uow=row[0],
         key=row[1],
         route=row[2],
-        state=FinalState(row[3]),
+        state=Status(row[3]),
         status=row[4],
         report=json.loads(row[5]) if row[5] else None,
         idempotencyKey=row[6],
@@ -189,7 +174,7 @@ class StateStore:
         """
         return self._group.submit(self._insert, record, then)
 
-    def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def _runBatch(self, operations: Sequence[Operation]) -> list[Result]:
         db = self._db()
         with immediate(db):
             outcomes = each(operations, lambda operation: operation[0](db, *operation[1]))
@@ -218,7 +203,7 @@ class StateStore:
                 r.at,
             ),
         )
-        if r.state is FinalState.stored:
+        if r.state is Status.stored:
             db.execute(
                 "INSERT INTO keys (key, uow) VALUES (?, ?) ON CONFLICT (key)"
                 " DO UPDATE SET uow = max(uow, excluded.uow)",

@@ -283,14 +283,55 @@ class Verdict:
         return cls(VerdictKind(data["verdict"]), int(data["status"]), data.get("detail"))
 
 
-class Outcome(str, Enum):
+class Status(str, Enum):
     """
-    What became of a UOW as a whole.
+    Where a UOW stands: the one vocabulary of the report, the state store,
+    the in-memory records, the fail queue, the admin API and the metrics.
+
+    @cvar received: Spooled; waits for the fanout.
+    @cvar applying: Out to its stashes.
+    @cvar stored: In every stash that did not decline (final).
+    @cvar rejected: A stash refused it with a 4xx; rolled back (final).
+    @cvar superseded: A retried or recovered UOW found a newer one stored on
+        its key; rolled back instead of applied (final).
+    @cvar dropped: Dropped from the fail queue by an operator (final).
+    @cvar queued: A stash failed with a 5xx; rolled back, in the fail queue,
+        waiting for its next attempt.
+    @cvar retrying: In the fail queue, with an attempt under way.
+    @cvar parked: In the fail queue, out of attempts; waits for an operator.
+    @cvar stuck: In the fail queue: rejected, but its rollback kept failing;
+        waits for an operator.
+    @cvar unsettled: Its outcome could not be recorded (a full disk); the
+        running server re-drives it until it settles.
     """
 
+    received = "received"
+    applying = "applying"
     stored = "stored"
     rejected = "rejected"
+    superseded = "superseded"
+    dropped = "dropped"
     queued = "queued"
+    retrying = "retrying"
+    parked = "parked"
+    stuck = "stuck"
+    unsettled = "unsettled"
+
+
+FINAL = (Status.stored, Status.rejected, Status.superseded, Status.dropped)
+"""
+The statuses a UOW ends in, kept in the state store.
+"""
+
+FAILED = (Status.queued, Status.retrying, Status.parked, Status.stuck)
+"""
+The statuses of a UOW in the fail queue.
+"""
+
+OUTCOMES = (Status.stored, Status.rejected, Status.queued)
+"""
+The outcomes of one attempt (L{Report.outcome}).
+"""
 
 
 @frozen
@@ -303,7 +344,7 @@ class Report:
 
     uow: int
     key: str
-    outcome: Outcome
+    outcome: Status
     status: int
     verdicts: Mapping[str, Verdict]
 
@@ -318,10 +359,10 @@ class Report:
         failures = [v.status for v in verdicts.values() if not v.ok]
         clientErrors = [status for status in failures if status < 500]
         if not failures:
-            return cls(uow.id, uow.key, Outcome.stored, 200, verdicts)
+            return cls(uow.id, uow.key, Status.stored, 200, verdicts)
         if clientErrors:
-            return cls(uow.id, uow.key, Outcome.rejected, clientErrors[0], verdicts)
-        return cls(uow.id, uow.key, Outcome.queued, failures[0], verdicts)
+            return cls(uow.id, uow.key, Status.rejected, clientErrors[0], verdicts)
+        return cls(uow.id, uow.key, Status.queued, failures[0], verdicts)
 
     def asJSON(self, forClient: bool = False) -> dict[str, Any]:
         """
@@ -342,7 +383,7 @@ class Report:
         return cls(
             uow=int(data["uow"]),
             key=data["key"],
-            outcome=Outcome(data["outcome"]),
+            outcome=Status(data["outcome"]),
             status=int(data["status"]),
             verdicts={
                 name: Verdict.fromJSON(v) for name, v in data["stashes"].items()

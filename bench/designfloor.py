@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from apicontainer.blocking import inThreadPool
 from apicontainer.durable import syncFilesystem, writeFile
-from apicontainer.groupcommit import GroupCommit, Operation, Outcome, runEach
+from apicontainer.groupcommit import GroupCommit, Operation, Result, runEach
 
 from .floor import serve, stored
 
@@ -66,18 +66,18 @@ class DesignFloor:
         self.records = GroupCommit(blocking, self.recordsBatch)
         self.documents = GroupCommit(blocking, self.filesBatch)
 
-    def spoolBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def spoolBatch(self, operations: Sequence[Operation]) -> list[Result]:
         os.writev(self.log, [args[0] for _, args in operations])
         os.fdatasync(self.log)
         return [(True, None)] * len(operations)
 
-    def recordsBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def recordsBatch(self, operations: Sequence[Operation]) -> list[Result]:
         self.db.execute("BEGIN")
         self.db.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?)", [args for _, args in operations])
         self.db.execute("COMMIT")
         return [(True, None)] * len(operations)
 
-    def filesBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def filesBatch(self, operations: Sequence[Operation]) -> list[Result]:
         outcomes = runEach(operations)
         syncFilesystem(self.files)
         return outcomes

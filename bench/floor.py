@@ -27,7 +27,7 @@ from twisted.web.server import Site
 
 from apicontainer.blocking import inThreadPool
 from apicontainer.durable import syncFilesystem, writeFile
-from apicontainer.groupcommit import GroupCommit, Operation, Outcome, runEach
+from apicontainer.groupcommit import GroupCommit, Operation, Result, runEach
 
 
 class Floor:
@@ -38,7 +38,7 @@ class Floor:
         self.count = 0
         self.group = GroupCommit(inThreadPool(reactor, reactor.getThreadPool()), self.writeBatch)
 
-    def writeBatch(self, operations: list[Operation]) -> list[Outcome]:
+    def writeBatch(self, operations: list[Operation]) -> list[Result]:
         outcomes = runEach(operations)
         syncFilesystem(self.directory)
         return outcomes

@@ -32,9 +32,9 @@ from typing import Any
 from apicontainer import childprocess
 from apicontainer.compactjson import compact
 from apicontainer.journal import _recordFields
-from apicontainer.states import FinalState, StateRecord
+from apicontainer.states import StateRecord
 from apicontainer.testing import contractUOW
-from apicontainer.uow import Report, Verdict
+from apicontainer.uow import Report, Status, Verdict
 
 
 def _calls() -> list[tuple[dict[str, Any], bytes]]:
@@ -45,7 +45,7 @@ def _calls() -> list[tuple[dict[str, Any], bytes]]:
     head, body = childprocess.encodeUOW(uow)
     bare, _ = childprocess.encodeUOW(uow, withBody=False)
     verdicts = {"s0": Verdict.stored(), "s1": Verdict.stored()}
-    record = StateRecord.of(FinalState.stored, Report.fromVerdicts(uow, verdicts), uow.route, time.time(), uow)
+    record = StateRecord.of(Status.stored, Report.fromVerdicts(uow, verdicts), uow.route, time.time(), uow)
     return [
         ({"op": "spool", "uow": head}, body),
         ({"ok": True}, b""),

@@ -25,9 +25,9 @@ from apicontainer.blocking import inline
 from apicontainer.childprocess import frames, refused
 from apicontainer.journal import _SPOOL_ERRORS, ProcessJournal
 from apicontainer.spool import Spool, SpoolError, SpoolFull, fileName
-from apicontainer.states import FinalState, StateRecord, StateStore
+from apicontainer.states import StateRecord, StateStore
 from apicontainer.testing import contractUOW
-from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, UnitOfWork, Verdict
+from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, Status, UnitOfWork, Verdict
 
 from .conftest import holdsBytes
 
@@ -62,7 +62,7 @@ def server(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def stored(uow: UnitOfWork) -> StateRecord:
     report = Report.fromVerdicts(uow, {"records": Verdict.stored()})
-    return StateRecord.of(FinalState.stored, report, uow.route, 1000.0 + uow.id, uow)
+    return StateRecord.of(Status.stored, report, uow.route, 1000.0 + uow.id, uow)
 
 
 def sample(uowId: int, body: bytes | SpooledBody = b"", idempotencyKey: str | None = None) -> UnitOfWork:

@@ -13,11 +13,11 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from apicontainer.blocking import inline
-from apicontainer.failqueue import FailedState, RetryPolicy
+from apicontainer.failqueue import RetryPolicy
 from apicontainer.spool import encode
-from apicontainer.states import FinalState, StateRecord, StateStore
+from apicontainer.states import StateRecord, StateStore
 from apicontainer.testing import ContainerHarness, MemoryStash
-from apicontainer.uow import UnitOfWork
+from apicontainer.uow import Status, UnitOfWork
 
 POLICY = RetryPolicy(initial=1, factor=2, maxDelay=8, maxAttempts=4)
 
@@ -92,7 +92,7 @@ class RetryTests(HarnessTestCase):
         self.assertEqual(self.spooled(), [])
         self.assertEqual((a.bodies(), b.bodies()), ({"/items/1": b"x"}, {"/items/1": b"x"}))
         record = self.successResultOf(h.container.states.get(1))
-        self.assertEqual(record.state, FinalState.stored)
+        self.assertEqual(record.state, Status.stored)
         self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "stored")
 
     def test_parkAfterMaxAttempts(self) -> None:
@@ -105,7 +105,7 @@ class RetryTests(HarnessTestCase):
         h.request("PUT", "/items/1", b"x")
         h.clock.pump([1, 2, 4, 8, 8, 8])
         [entry] = h.container.failQueue.list()
-        self.assertEqual((entry.state, entry.attempts), (FailedState.parked, 4))
+        self.assertEqual((entry.state, entry.attempts), (Status.parked, 4))
         stashCalls = len(b.calls)
         h.clock.pump([60] * 5)
         self.assertEqual(len(b.calls), stashCalls)
@@ -124,7 +124,7 @@ class RetryTests(HarnessTestCase):
         h = self.build(b)
         h.request("PUT", "/items/1", b"x")
         h.clock.pump([1, 2, 4])
-        self.assertEqual(h.container.failQueue.get(1).state, FailedState.parked)
+        self.assertEqual(h.container.failQueue.get(1).state, Status.parked)
         b.failWith = None
         response = h.admin("POST", "/_failed/1/retry")
         self.assertEqual((response.code, response.json()["state"]), (200, "stored"))
@@ -142,7 +142,7 @@ class RetryTests(HarnessTestCase):
         h.clock.advance(1)
         self.assertEqual(h.container.failQueue.list(), [])
         self.assertEqual(self.spooled(), [])
-        self.assertEqual(self.successResultOf(h.container.states.get(1)).state, FinalState.rejected)
+        self.assertEqual(self.successResultOf(h.container.states.get(1)).state, Status.rejected)
 
     def test_failedRollbackIsRetriedThenStuck(self) -> None:
         """
@@ -159,14 +159,14 @@ class RetryTests(HarnessTestCase):
         h.clock.advance(4)
         self.assertEqual(a.bodies(), {})
         self.assertEqual(h.container.failQueue.list(), [])
-        self.assertEqual(self.successResultOf(h.container.states.get(1)).state, FinalState.rejected)
+        self.assertEqual(self.successResultOf(h.container.states.get(1)).state, Status.rejected)
         self.flushLoggedErrors(OSError)
 
         a2, b2 = MemoryStash("a", failRollback=True), MemoryStash("b", failWith=400)
         h2 = self.build(a2, b2)
         h2.request("PUT", "/items/1", b"x")
         h2.clock.pump([1, 2, 4, 8])
-        self.assertEqual(h2.container.failQueue.get(1).state, FailedState.stuck)
+        self.assertEqual(h2.container.failQueue.get(1).state, Status.stuck)
         self.assertEqual(self.spooled(), ["00000000000000000001.uow"])
         self.flushLoggedErrors(OSError)
 
@@ -182,7 +182,7 @@ class RetryTests(HarnessTestCase):
         self.assertEqual(h.request("PUT", "/items/1", b"new").code, 200)
         h.clock.advance(1)
         self.assertEqual((a.bodies(), b.bodies()), ({"/items/1": b"new"}, {"/items/1": b"new"}))
-        self.assertEqual(self.successResultOf(h.container.states.get(1)).state, FinalState.superseded)
+        self.assertEqual(self.successResultOf(h.container.states.get(1)).state, Status.superseded)
         self.assertEqual(h.container.failQueue.list(), [])
 
     def test_retriesInUOWOrderPerKey(self) -> None:
@@ -295,7 +295,7 @@ class RecoveryTests(HarnessTestCase):
         h.request("PUT", "/items/1", b"x")
         self.successResultOf(
             h.container.states.record(
-                StateRecord(1, "/items/1", "/items/<id>", FinalState.stored, 200, None, None, None, 0.0)
+                StateRecord(1, "/items/1", "/items/<id>", Status.stored, 200, None, None, None, 0.0)
             )
         )
         a = MemoryStash("a")
@@ -439,7 +439,7 @@ class StateStoreTests(SynchronousTestCase):
         store.open()
         realBatch = store._runBatch
         store._group._runBatch = lambda operations: (writes.append(len(operations)), realBatch(operations))[1]  # type: ignore[method-assign]
-        record = lambda n: StateRecord(n, "/k", "/k", FinalState.stored, 200, None, None, None, 0.0)  # noqa: E731
+        record = lambda n: StateRecord(n, "/k", "/k", Status.stored, 200, None, None, None, 0.0)  # noqa: E731
         done = [store.record(record(n)) for n in range(1, 5)]
         self.assertEqual(len(calls), 1)
         calls[0].callback(None)
@@ -476,7 +476,7 @@ class StateStoreTests(SynchronousTestCase):
         def broken() -> None:
             raise OSError("no such file")
 
-        record = lambda n: StateRecord(n, "/k", "/k", FinalState.stored, 200, None, None, None, 0.0)  # noqa: E731
+        record = lambda n: StateRecord(n, "/k", "/k", Status.stored, 200, None, None, None, 0.0)  # noqa: E731
         self.assertEqual(self.successResultOf(store.record(record(1), then=then)), "removed")
         self.assertEqual(seen, [1])
         self.failureResultOf(store.record(record(2), then=broken), OSError)

@@ -17,9 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from apicontainer import durable
 from apicontainer.blocking import inline
-from apicontainer.failqueue import FailedState, FileFailQueue, RetryPolicy
+from apicontainer.failqueue import FileFailQueue, RetryPolicy
 from apicontainer.spool import CorruptSpoolFile, Spool, SpoolError, SpoolFull, decode, encode
-from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, UnitOfWork, Verdict
+from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, Status, UnitOfWork, Verdict
 from apicontainer.uowids import UOWIds
 
 from .conftest import filesCreated, holdsBytes
@@ -477,15 +477,15 @@ class FailQueueTests(SynchronousTestCase):
         self.assertEqual([policy.jittered(3, u) for u in (0.0, 0.5, 1.0)], [2, 3, 4])
         self.clock.advance(100)
         entry = self.queue.failed(self.report(1), "/items/<id>")
-        self.assertEqual((entry.state, entry.attempts, entry.nextAttemptAt), (FailedState.queued, 1, 101))
+        self.assertEqual((entry.state, entry.attempts, entry.nextAttemptAt), (Status.queued, 1, 101))
         self.successResultOf(self.queue.put(entry))
         second = self.queue.failed(self.report(1), "/items/<id>")
         self.assertEqual((second.attempts, second.nextAttemptAt, second.firstFailedAt), (2, 102, 100))
         self.successResultOf(self.queue.put(second))
         parked = self.queue.failed(self.report(1), "/items/<id>")
-        self.assertEqual((parked.state, parked.attempts, parked.nextAttemptAt), (FailedState.parked, 3, None))
+        self.assertEqual((parked.state, parked.attempts, parked.nextAttemptAt), (Status.parked, 3, None))
         stuck = self.queue.failed(self.report(1), "/items/<id>", compensate=True)
-        self.assertEqual(stuck.state, FailedState.stuck)
+        self.assertEqual(stuck.state, Status.stuck)
 
     def test_durableAndReloaded(self) -> None:
         """
@@ -497,7 +497,7 @@ class FailQueueTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual([e.uow for e in self.queue.takeDue()], [1, 2])
         reopened = self.make()
-        self.assertEqual([(e.uow, e.state) for e in reopened.list()], [(1, FailedState.queued), (2, FailedState.queued)])
+        self.assertEqual([(e.uow, e.state) for e in reopened.list()], [(1, Status.queued), (2, Status.queued)])
         self.assertEqual(reopened.get(1).report, self.report(1))
 
     def test_drop(self) -> None:

@@ -76,7 +76,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..blocking import Blocking
-from ..groupcommit import GroupCommit, Operation, Outcome
+from ..groupcommit import GroupCommit, Operation, Result
 from ..durable import (
     fsyncDirectory,
     makeDirectories,
@@ -238,7 +238,7 @@ class FilesystemStash(LocalRoot):
         self._commits: list[tuple[UnitOfWork, int]] = []
         self._pendingUOWs: set[int] = set()
         self._pendingPointers: set[Path] = set()
-        self._outcomes: list[Outcome] = []
+        self._outcomes: list[Result] = []
         # Syncs done so far, and for each UOW whose pointer was swapped, how
         # many had been done when it was: a later one made the swap durable.
         self._syncs = 0
@@ -467,7 +467,7 @@ class FilesystemStash(LocalRoot):
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         return self._group.submit(self._stash, uow).addErrback(unavailable(self, uow, OSError))
 
-    def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def _runBatch(self, operations: Sequence[Operation]) -> list[Result]:
         """
         Run a batch: a stash's pointer swap, and a commit that must wait for
         a sync, wait for the end of the batch, so that one journal and one

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..groupcommit import GroupCommit, Operation, Outcome, each
+from ..groupcommit import GroupCommit, Operation, Result, each
 from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import StashContext, unavailable
@@ -115,7 +115,7 @@ class SQLiteStash:
     def _inTransaction(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._group.submit(operation, *args)
 
-    def _runBatch(self, operations: Sequence[Operation]) -> list[Outcome]:
+    def _runBatch(self, operations: Sequence[Operation]) -> list[Result]:
         with immediate(self._db()) as db:
             cursor = db.cursor()
 
