@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .crashpoints import reach
-from .failqueue import FailedUOW, FileFailQueue
+from .failqueue import FailedUOW
+from .interfaces import IFailQueue
 from .frontqueue import Admission, FrontQueue
 from .idempotency import IdempotencyIndex
 from .journal import Journal
@@ -119,7 +120,7 @@ class Fanout:
         workers: Mapping[str, StashWorker],
         routes: Mapping[str, Sequence[str]],
         spool: Spool,
-        failQueue: FileFailQueue,
+        failQueue: IFailQueue,
         states: StateStore,
         journal: Journal,
         idempotency: IdempotencyIndex,

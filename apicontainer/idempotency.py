@@ -14,7 +14,7 @@ import re
 
 from attrs import frozen
 
-from .failqueue import FileFailQueue
+from .interfaces import IFailQueue
 from .states import StateRecord, StateStore
 from .uow import Report, Status, UnitOfWork
 
@@ -74,7 +74,7 @@ class IdempotencyIndex:
     Which keys are taken, by which request, and with what result.
     """
 
-    def __init__(self, states: StateStore, failQueue: FileFailQueue) -> None:
+    def __init__(self, states: StateStore, failQueue: IFailQueue) -> None:
         self._states = states
         self._failQueue = failQueue
         self._held: dict[str, tuple[str, int | None]] = {}

@@ -150,8 +150,44 @@ class IPrunable(Interface):
 
 class IFailQueue(Interface):
     """
-    A durable record of UOWs that failed with a 5xx and wait for a retry.
+    A durable record of UOWs that failed with a 5xx and wait for a retry,
+    with their retry schedule: every call the pipeline makes on it. The
+    C{file} backend is L{apicontainer.failqueue.FileFailQueue}.
     """
+
+    retry = Attribute(
+        "The retry policy (L{apicontainer.failqueue.RetryPolicy}); a reload replaces it."
+    )
+
+    def open():
+        """
+        Load the queue (blocking; at start-up, before the reactor runs).
+
+        @return: The records that could not be read (a list of paths or
+            names), left in place for an operator.
+        """
+
+    def failed(report, route, rollbackFailed=(), compensate=False):
+        """
+        Build, without recording it, the entry of a UOW whose latest attempt
+        failed: its attempts counted on from its previous entry, its next
+        attempt scheduled by the retry policy, or parked (stuck when
+        C{compensate}) after C{max_attempts}.
+
+        @param report: The attempt's L{apicontainer.uow.Report}.
+        @param route: The UOW's route pattern.
+        @param rollbackFailed: The stashes whose rollback failed.
+        @param compensate: Whether only the rollback is to be retried.
+        @return: A L{apicontainer.failqueue.FailedUOW}.
+        """
+
+    def markRetrying(uowId):
+        """
+        Take the entry of C{uowId} for an attempt now, whatever its schedule
+        or state, unless an attempt is already under way.
+
+        @return: The entry, marked as retrying, or L{None}.
+        """
 
     def put(entry):
         """

@@ -10,7 +10,7 @@ from collections import Counter
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
-from .failqueue import FileFailQueue
+from .interfaces import IFailQueue
 from .fanout import Fanout
 from .frontqueue import FrontQueue
 from .idempotency import IdempotencyIndex
@@ -24,7 +24,7 @@ log = Logger(namespace="apicontainer.recovery")
 async def recover(
     spool: Spool,
     states: StateStore,
-    failQueue: FileFailQueue,
+    failQueue: IFailQueue,
     fanout: Fanout,
     front: FrontQueue,
     idempotency: IdempotencyIndex,

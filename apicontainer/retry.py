@@ -9,7 +9,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .failqueue import FailedUOW, FileFailQueue
+from .failqueue import FailedUOW
+from .interfaces import IFailQueue
 from .fanout import Fanout, Unsettled
 from .metrics import Metrics
 from .frontqueue import FrontQueue
@@ -34,7 +35,7 @@ class RetryEngine:
     def __init__(
         self,
         clock: IReactorTime,
-        failQueue: FileFailQueue,
+        failQueue: IFailQueue,
         fanout: Fanout,
         front: FrontQueue,
         spool: Spool,
