@@ -22,9 +22,9 @@ from .config import Config, ConfigError, StashSpec
 from .failqueue import FailedUOW, FileFailQueue
 from .fanout import Fanout, Routing
 from .frontqueue import Admission, FrontQueue
-from .interfaces import ILocalStorage, IPrunable, IReader, IStartable, IStash
+from .interfaces import IJournal, ILocalStorage, IPrunable, IReader, IStartable, IStash
 from .idempotency import IdempotencyIndex
-from .journal import InlineJournal, Journal, ProcessJournal
+from .journal import InlineJournal, ProcessJournal
 from .metrics import Metrics
 from .records import UOWRecords
 from .recovery import recover
@@ -201,7 +201,7 @@ class Container:
             dataDir / "failed", blocking, clock, config.retry, uniform
         )
         self.states = StateStore(dataDir / "state.sqlite3", serial or blocking)
-        self.journal: Journal = (
+        self.journal: IJournal = (
             InlineJournal(self.spool, self.states)
             if processes is None
             else ProcessJournal(dataDir, self.spool, processes)

@@ -15,13 +15,11 @@ from twisted.python.failure import Failure
 
 from .crashpoints import reach
 from .failqueue import FailedUOW
-from .interfaces import IFailQueue
 from .frontqueue import Admission, FrontQueue
 from .idempotency import IdempotencyIndex
-from .journal import Journal
+from .interfaces import IFailQueue, IJournal, ISpool
 from .metrics import Metrics
 from .records import UOWRecords
-from .spool import Spool
 from .states import StateRecord, StateStore
 from .uow import Report, Status, UnitOfWork, Verdict
 from .worker import Delivery, StashWorker
@@ -119,10 +117,10 @@ class Fanout:
         front: FrontQueue,
         workers: Mapping[str, StashWorker],
         routes: Mapping[str, Sequence[str]],
-        spool: Spool,
+        spool: ISpool,
         failQueue: IFailQueue,
         states: StateStore,
-        journal: Journal,
+        journal: IJournal,
         idempotency: IdempotencyIndex,
         records: UOWRecords,
         clock: IReactorTime,

@@ -10,7 +10,7 @@ from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, DeferredQueue
 
 from .crashpoints import reach
-from .journal import Journal
+from .interfaces import IJournal
 from .uow import Report, UnitOfWork
 from .uowids import UOWIds
 
@@ -41,7 +41,7 @@ class FrontQueue:
     def __init__(
         self,
         ids: UOWIds,
-        journal: Journal,
+        journal: IJournal,
         onSpooled: Callable[[UnitOfWork], None] = lambda uow: None,
     ) -> None:
         """

@@ -148,6 +148,92 @@ class IPrunable(Interface):
         """
 
 
+class ISpool(Interface):
+    """
+    Where each request is kept, durably, from admission until its UOW is
+    final: the calls the pipeline makes on a spool besides the writes and
+    removals that go through the L{IJournal}. The C{file} backend is
+    L{apicontainer.spool.Spool}.
+    """
+
+    directory = Attribute(
+        "The directory of the spool files (a L{pathlib.Path}), for the disk"
+        " space check and the metrics."
+    )
+
+    def open():
+        """
+        Create or check the spool (blocking; at start-up).
+        """
+
+    def scan():
+        """
+        @return: A Deferred that fires with the ids of every UOW spooled, in
+            UOW order.
+        """
+
+    def load(uowId):
+        """
+        @return: A Deferred that fires with the L{apicontainer.uow.UnitOfWork}
+            of C{uowId}; it fails with L{apicontainer.spool.CorruptSpoolFile},
+            or with L{FileNotFoundError} when there is none.
+        """
+
+    def delete(uowId):
+        """
+        Remove the UOW's spool file, durably; one already gone is fine.
+
+        @return: A Deferred that fires with L{None}.
+        """
+
+    def quarantine(uowId):
+        """
+        Move a corrupt spool file aside, never to be replayed.
+
+        @return: A Deferred that fires with L{None}.
+        """
+
+
+class IJournal(Interface):
+    """
+    Makes spool writes and final states durable, in the server or in a
+    child process of its own.
+    """
+
+    def start():
+        """
+        Get ready.
+
+        @return: A Deferred that fires with L{None}; it fails if the journal
+            cannot start.
+        """
+
+    def stop():
+        """
+        Finish what is under way, and stop.
+
+        @return: A Deferred that fires with L{None}.
+        """
+
+    def write(uow):
+        """
+        Spool C{uow} durably.
+
+        @return: A Deferred that fires with the UOW once its spool file is
+            durable; it fails with L{apicontainer.spool.SpoolError}.
+        """
+
+    def settle(record, removeSpool):
+        """
+        Record a final state (an L{apicontainer.states.StateRecord})
+        durably, then, with C{removeSpool}, remove the UOW's spool file.
+
+        @return: A Deferred that fires once the record is durable, with the
+            removal's error, if it failed (the record is durable all the
+            same); it fails with the record's error.
+        """
+
+
 class IFailQueue(Interface):
     """
     A durable record of UOWs that failed with a 5xx and wait for a retry,

@@ -42,10 +42,11 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .childprocess import (
     Answer,
@@ -62,40 +63,10 @@ from .childprocess import (
 )
 from .crashpoints import reach
 from .groupcommit import Operation
+from .interfaces import IJournal
 from .spool import Spool, SpoolError, SpoolFull
 from .states import StateRecord, StateStore
 from .uow import INLINE_BODY_BYTES, Status, UnitOfWork
-
-
-class Journal(Protocol):
-    """
-    Makes spool writes and final states durable.
-    """
-
-    def start(self) -> Deferred[None]:
-        """
-        Get ready; a journal that cannot fails.
-        """
-
-    def stop(self) -> Deferred[None]:
-        """
-        Finish what is under way, and stop.
-        """
-
-    def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
-        """
-        L{Spool.write}.
-        """
-
-    def settle(self, record: StateRecord, removeSpool: bool) -> Deferred[Exception | None]:
-        """
-        Record a final state durably, then, with C{removeSpool}, remove the
-        UOW's spool file.
-
-        @return: A Deferred that fires once the record is durable, with the
-            removal's error, if it failed (the record is durable all the
-            same); it fails with the record's error.
-        """
 
 
 def removeSpoolFile(spool: Spool, uowId: int, empty: bool = True) -> Exception | None:
@@ -113,6 +84,7 @@ def removeSpoolFile(spool: Spool, uowId: int, empty: bool = True) -> Exception |
     return None
 
 
+@implementer(IJournal)
 class InlineJournal:
     """
     The journal's work done in the server, through the runners of C{spool}
@@ -214,6 +186,7 @@ def main(argv: list[str]) -> None:
 _SPOOL_ERRORS: dict[str, type[Exception]] = {"SpoolFull": SpoolFull, "SpoolError": SpoolError}
 
 
+@implementer(IJournal)
 class ProcessJournal:
     """
     The journal in a child process: the server's side.

@@ -10,11 +10,11 @@ from collections import Counter
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
-from .interfaces import IFailQueue
 from .fanout import Fanout
 from .frontqueue import FrontQueue
 from .idempotency import IdempotencyIndex
-from .spool import CorruptSpoolFile, Spool
+from .interfaces import IFailQueue, ISpool
+from .spool import CorruptSpoolFile
 from .states import StateStore
 from .uow import UnitOfWork
 
@@ -22,7 +22,7 @@ log = Logger(namespace="apicontainer.recovery")
 
 
 async def recover(
-    spool: Spool,
+    spool: ISpool,
     states: StateStore,
     failQueue: IFailQueue,
     fanout: Fanout,

@@ -10,11 +10,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .failqueue import FailedUOW
-from .interfaces import IFailQueue
 from .fanout import Fanout, Unsettled
+from .interfaces import IFailQueue, ISpool
 from .metrics import Metrics
 from .frontqueue import FrontQueue
-from .spool import CorruptSpoolFile, Spool
+from .spool import CorruptSpoolFile
 from .uow import Report, Status
 
 
@@ -38,7 +38,7 @@ class RetryEngine:
         failQueue: IFailQueue,
         fanout: Fanout,
         front: FrontQueue,
-        spool: Spool,
+        spool: ISpool,
         interval: float = 1.0,
         metrics: Metrics | None = None,
     ) -> None:

@@ -44,6 +44,7 @@ from typing import IO, Iterator, Sequence
 from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .blocking import Blocking
 from .compactjson import compact
@@ -57,6 +58,7 @@ from .durable import (
     writeAtomically,
 )
 from .uow import CHUNK_BYTES, INLINE_BODY_BYTES, SpooledBody, UnitOfWork
+from .interfaces import ISpool
 
 MAGIC = b"ACSPOOL1"
 _LENGTHS = struct.Struct(">IQ")
@@ -212,6 +214,7 @@ def _decodeFrom(f: IO[bytes], size: int, path: Path | None) -> UnitOfWork:
         raise CorruptSpoolFile(f"unreadable metadata: {e}") from e
 
 
+@implementer(ISpool)
 class Spool:
     """
     The durable store of accepted requests, one file per UOW.

@@ -90,6 +90,22 @@ class SpoolTests(SynchronousTestCase):
         self.spool = Spool(self.base / "spool", self.base / "quarantine", inline)
         self.spool.open()
 
+    def test_interfaces(self) -> None:
+        """
+        The file spool provides ISpool, and the journals that write it in
+        the server and in a child process provide IJournal.
+        """
+        from zope.interface.verify import verifyObject
+
+        from apicontainer.interfaces import IJournal, ISpool
+        from apicontainer.journal import InlineJournal, ProcessJournal
+        from apicontainer.states import StateStore
+
+        self.assertTrue(verifyObject(ISpool, self.spool))
+        states = StateStore(self.base / "state.sqlite3", inline)
+        self.assertTrue(verifyObject(IJournal, InlineJournal(self.spool, states)))
+        self.assertTrue(verifyObject(IJournal, ProcessJournal(self.base, self.spool, None)))
+
     def test_writeIsDurable(self) -> None:
         """
         The file is written and renamed into place, then the file system is
