@@ -25,6 +25,12 @@ from .failqueue import RetryPolicy
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
+# The backends of the spool and of the fail queue: C{file} keeps them in
+# the data directory (L{apicontainer.spool.Spool},
+# L{apicontainer.failqueue.FileFailQueue}).
+SPOOL_BACKENDS = ("file",)
+FAILQUEUE_BACKENDS = ("file",)
+
 _REQUIRED: Any = object()
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -285,6 +291,7 @@ class Config:
     idempotencyRetention: float = 86400.0
     adminTokensFile: Path | None = None
     openToNetwork: bool = False
+    spoolBackend: str = "file"
 
 
 def isLoopbackOnly(description: str) -> bool:
@@ -348,7 +355,8 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         raise ConfigError(f"{source}:1: the configuration is empty")
     top = Section(node, "", source, 1)
     top.expect(
-        "listen", "admin_listen", "data_dir", "auth", "limits", "failqueue", "idempotency", "stashes", "routes"
+        "listen", "admin_listen", "data_dir", "auth", "limits", "spool", "failqueue", "idempotency",
+        "stashes", "routes",
     )
 
     listen = _endpoint(top, "listen", "tcp:8080:interface=127.0.0.1")
@@ -392,10 +400,18 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     )
     limitsSection.rejectUnknown()
 
+    spool = top.section("spool")
+    spoolBackend = spool.string("backend", "file")
+    if spoolBackend not in SPOOL_BACKENDS:
+        known = ", ".join(SPOOL_BACKENDS)
+        raise spool.error("backend", f"unknown spool backend {spoolBackend!r} (known: {known})")
+    spool.rejectUnknown()
+
     failqueue = top.section("failqueue")
     backend = failqueue.string("backend", "file")
-    if backend != "file":
-        raise failqueue.error("backend", f"unknown fail queue backend {backend!r} (known: file)")
+    if backend not in FAILQUEUE_BACKENDS:
+        known = ", ".join(FAILQUEUE_BACKENDS)
+        raise failqueue.error("backend", f"unknown fail queue backend {backend!r} (known: {known})")
     retrySection = failqueue.section("retry")
     retryDefaults = RetryPolicy()
     retry = RetryPolicy(
@@ -425,6 +441,7 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         adminTokensFile=Path(adminTokensFile) if adminTokensFile else None,
         limits=limits,
         failqueueBackend=backend,
+        spoolBackend=spoolBackend,
         retry=retry,
         stashes=stashes,
         routes=routes,

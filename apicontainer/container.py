@@ -412,6 +412,7 @@ class Container:
             ("listen", "listen"),
             ("admin_listen", "adminListen"),
             ("data_dir", "dataDir"),
+            ("spool.backend", "spoolBackend"),
             ("failqueue.backend", "failqueueBackend"),
         ):
             if getattr(config, attribute) != getattr(self.config, attribute):

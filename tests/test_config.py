@@ -151,6 +151,25 @@ class ConfigTests(SynchronousTestCase):
             ":11: limitz: unknown key (did you mean 'limits'?)",
         )
 
+    def test_backends(self) -> None:
+        """
+        spool.backend and failqueue.backend default to file, take file, and
+        refuse anything else with the known ones.
+        """
+        config = loadConfig(self.write(GOOD))
+        self.assertEqual((config.spoolBackend, config.failqueueBackend), ("file", "file"))
+        explicit = loadConfig(self.write(GOOD + "spool: {backend: file}\nfailqueue: {backend: file}\n"))
+        self.assertEqual((explicit.spoolBackend, explicit.failqueueBackend), ("file", "file"))
+        self.assertEqual(
+            self.refused(GOOD + "spool: {backend: tape}\n"),
+            ":11: spool.backend: unknown spool backend 'tape' (known: file)",
+        )
+        self.assertEqual(
+            self.refused(GOOD + "failqueue: {backend: tape}\n"),
+            ":11: failqueue.backend: unknown fail queue backend 'tape' (known: file)",
+        )
+        self.assertIn(":11: spool.backnd: unknown key", self.refused(GOOD + "spool: {backnd: file}\n"))
+
     def test_exposedWithoutTokens(self) -> None:
         """
         An endpoint that other machines can reach (no interface, or a
