@@ -259,7 +259,7 @@ class FilesystemStashTests(SynchronousTestCase):
     def test_symlinkedDocumentsAreWrittenOver(self) -> None:
         """
         Symlinked documents (written where extended attributes were
-        refused, or by an earlier release) are read, written over, and
+        refused) are read, written over, and
         restored by a rollback.
         """
         from unittest import mock
@@ -331,7 +331,6 @@ class FilesystemStashTests(SynchronousTestCase):
         and the record replaced by a whole one. Whole records of the same
         journal still count.
         """
-        (self.root / ".undo" / "7.json").write_bytes(b'{"key": "/ite')  # an earlier release's record file
         whole = {"uow": 8, "key": "/items/43", "attempt": 1, "before": None, "target": "43.v8"}
         (self.root / ".undo" / "batch-3.jsonl").write_bytes(
             json.dumps(whole).encode() + b'\n[1]\n"uow"\n{"uow": 9, "key": "/items/44", "att'
@@ -339,15 +338,15 @@ class FilesystemStashTests(SynchronousTestCase):
         self.stash = FilesystemStash("files", self.root, inline)  # the restart after the crash
         self.successResultOf(self.stash.start())
         self.assertEqual(os.listdir(self.root / ".undo"), ["batch-3.jsonl"])
-        for uowId, key in ((7, "/items/42"), (8, "/items/43"), (9, "/items/44")):
+        for uowId, key in ((8, "/items/43"), (9, "/items/44")):
             verdict = self.successResultOf(self.stash.stash(uow(uowId, key, b"hello")))
             self.assertEqual(verdict.kind, VerdictKind.stored)
             self.assertEqual(self.successResultOf(self.stash.read(key)).body, b"hello")
         self.assertEqual(verdict.detail, None)
         self.assertEqual(self.successResultOf(self.stash.stash(uow(8, "/items/43"))).detail, "already stored")
-        for uowId, key in ((7, "/items/42"), (8, "/items/43"), (9, "/items/44")):
+        for uowId, key in ((8, "/items/43"), (9, "/items/44")):
             self.successResultOf(self.stash.commit(uow(uowId, key)))
-        self.assertEqual(currentVersion(self.root / "items" / "42.doc"), "42.v7")
+        self.assertEqual(currentVersion(self.root / "items" / "43.doc"), "43.v8")
         self.assertEqual(list((self.root / ".undo").iterdir()), [])
 
     def test_sparesAreTaken(self) -> None:
@@ -540,24 +539,16 @@ class FilesystemStashTests(SynchronousTestCase):
 
     def test_undoRecordsSurviveARestart(self) -> None:
         """
-        Undo records (in journals, or in record files of an earlier
-        release: a symlink holding the JSON, or a file when too long for
-        one) are read back at start: a rollback after a restart restores
-        the before-image.
+        Undo records, in their journals, are read back at start: a rollback
+        after a restart restores the before-image, also of a key too long
+        for a file name.
         """
         longKey = "/items/" + "k" * 4100
-        keys = ((1, "/items/short"), (2, longKey), (3, "/items/link"), (4, "/items/file"))
+        keys = ((1, "/items/short"), (2, longKey), (3, "/items/third"))
         for uowId, key in keys:
             self.successResultOf(self.stash.stash(uow(uowId, key, b"first")))
             self.successResultOf(self.stash.commit(uow(uowId, key)))
             self.successResultOf(self.stash.stash(uow(uowId + 10, key, b"second")))
-        journals = {13: (self.root / ".undo" / "batch-6.jsonl"), 14: (self.root / ".undo" / "batch-8.jsonl")}
-        records = {uowId: json.loads(path.read_bytes()) for uowId, path in journals.items()}
-        for uowId, path in journals.items():
-            self.assertEqual(records[uowId].pop("uow"), uowId)
-            path.unlink()
-        os.symlink(json.dumps(records[13]), self.root / ".undo" / "13.json")
-        (self.root / ".undo" / "14.json").write_text(json.dumps(records[14]))
         self.stash = FilesystemStash("files", self.root, inline)
         self.successResultOf(self.stash.start())
         for uowId, key in keys:

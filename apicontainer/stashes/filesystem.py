@@ -50,8 +50,7 @@ so recovery stores it again and the undo record completes the write.
 Versions and journals are written in place, not renamed into place: nothing
 refers to them before the C{syncfs} that makes them whole, and an undo
 record torn by a crash belongs to a write that never swapped its pointer.
-(An earlier release kept each undo record in a file of its own,
-C{.undo/17.json}; those are still read.) A deleted document holds a
+A deleted document holds a
 C{.d<uow>} version, so that an older UOW can never bring it back.
 
 In the server the stash runs in a child process of its own
@@ -249,8 +248,8 @@ class FilesystemStash(LocalRoot):
         # thread waits for the GIL afterwards); and the folders known to exist.
         self._undos: dict[int, dict] = {}  # type: ignore[type-arg]
         self._rolledBackAttempts: dict[int, int] = {}
-        # Which file holds each undo record (a journal, or a record file of
-        # an earlier release), and which live records each such file holds;
+        # Which journal holds each undo record, and which live records each
+        # journal holds;
         # the records of this batch not yet in its journal; the number of
         # the last journal.
         self._homes: dict[int, Path] = {}
@@ -332,10 +331,6 @@ class FilesystemStash(LocalRoot):
             match = _JOURNAL.match(path.name)
             if match is not None:
                 journals.append((int(match["seq"]), path))
-            elif path.suffix == ".json" and path.stem.isdigit():
-                undo = self._loadUndo(path)
-                if undo is not None:
-                    self._settle(int(path.stem), undo, path)
         for _, path in sorted(journals):  # a later record of a UOW replaces an earlier one
             self._tenants.setdefault(path, set())
             for uowId, undo in _readJournal(path):
@@ -378,18 +373,6 @@ class FilesystemStash(LocalRoot):
         if match is None:
             raise OSError(f"{pointer} points at {target!r}, which is not a version")
         return target, int(match["uow"])
-
-    @staticmethod
-    def _loadUndo(path: Path) -> dict | None:  # type: ignore[type-arg]
-        try:
-            if path.is_symlink():
-                return json.loads(os.readlink(path))  # type: ignore[no-any-return]
-            return json.loads(path.read_bytes())  # type: ignore[no-any-return]
-        except ValueError:
-            # Torn by a crash before its batch was synced, so its pointer was
-            # never swapped: as if it had not been written.
-            removeFile(path)
-            return None
 
     def _readUndo(self, uowId: int) -> dict | None:  # type: ignore[type-arg]
         return self._undos.get(uowId)
