@@ -181,7 +181,7 @@ class Container:
         @param blocking: Runs short blocking calls (file I/O).
         @param serial: Runs the spool's and the state store's calls, one at
             a time, on one thread: the two take turns there rather than
-            contend for the GIL from two (measured: BENCHMARKS.md). By
+            contend for the GIL from two. By
             default C{blocking}, which must then be serial too.
         @param processes: The reactor that starts the journal's child
             process, which then writes the spool and the final states

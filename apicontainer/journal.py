@@ -16,7 +16,7 @@ It runs the calls that reached it while it was busy as one batch: the spool
 files with one C{syncfs}, the final states in one transaction, the removals
 after the commit (group commit). In a process of its own that work waits
 for no thread of the server to give up Python's GIL, and the server's
-reactor gets the CPU it took (measured: BENCHMARKS.md). Only the child keeps
+reactor gets the CPU it took. Only the child keeps
 spare spool files (C{spares/}): a removed file goes there with its bytes,
 which it empties once the batch is answered and no call waits. The server
 keeps its own connection to the state store, for reads.

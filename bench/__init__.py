@@ -1,3 +1,3 @@
 """
-The benchmark harness: python -m bench.run (see BENCHMARKS.md).
+The benchmark harness: python -m bench.run (see docs/benchmarks.md).
 """

@@ -186,7 +186,7 @@ def server(work: Path, concurrency: int, body: int, stashes: int, failing: bool,
     on an ext4 file system without a journal (this machine's), creating a
     file skips every inode freed in the last few minutes, one by one, so
     the removal of a run's files would slow the file creations of the runs
-    after it (BENCHMARKS.md, "The machine").
+    after it (docs/benchmarks.md, "The machine").
     """
     data = Path(tempfile.mkdtemp(prefix="bench-", dir=work))
     port, admin = freePort(), freePort()
@@ -304,7 +304,7 @@ def baselineTable(baselines: dict[tuple[int, int], dict[str, Any]]) -> str:
 
 def headlineSummary(results: list[dict[str, Any]]) -> str:
     """
-    The headline case's runs against the targets of BENCHMARKS.md: at least
+    The headline case's runs against the earlier targets: at least
     0.5x the baseline's throughput, a p99 at most 4x the baseline's.
     """
     lines = ["| run | baseline req/s | baseline p99 ms | req/s x baseline | p99 x baseline |",

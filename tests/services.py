@@ -38,7 +38,7 @@ def require(name: str, host: str, port: int) -> None:
     """
     if reachable(host, port):
         return
-    reason = f"{name} is not reachable on {host}:{port} (see shared/services.md to start it)"
+    reason = f"{name} is not reachable on {host}:{port} (see CONTRIBUTING.md, 'Running the tests')"
     if os.environ.get("APICONTAINER_REQUIRE_SERVICES") == "1":
         pytest.fail(reason + "; APICONTAINER_REQUIRE_SERVICES=1 requires it")
     pytest.skip(reason)

@@ -1,6 +1,6 @@
 """
 A smoke run of the benchmark harness: it works, and says what it measured.
-No speed is asserted here (BENCHMARKS.md holds the figures).
+No speed is asserted here (docs/benchmarks.md holds the figures).
 """
 
 from __future__ import annotations

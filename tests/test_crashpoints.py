@@ -1,6 +1,6 @@
 """
 The real server killed with SIGKILL at each named step of the pipeline, then
-restarted: invariants 1 to 4 of DESIGN.md section 5 hold against what the
+restarted: invariants 1 to 4 of docs/design.md hold against what the
 client was told.
 """
 

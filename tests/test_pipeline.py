@@ -39,7 +39,7 @@ class PipelineTestCase(SynchronousTestCase):
 
 class OutcomeTests(PipelineTestCase):
     """
-    Each combination of verdicts settles as DESIGN.md section 4 says.
+    Each combination of verdicts settles as docs/http.md says.
     """
 
     def test_storedEverywhere(self) -> None:
@@ -508,7 +508,7 @@ class ClientGoneTests(PipelineTestCase):
 
 class IngressRefusalTests(PipelineTestCase):
     """
-    Requests refused before spooling get the JSON error DESIGN.md names and
+    Requests refused before spooling get the JSON error docs/http.md names and
     leave nothing on disk.
     """
 

@@ -1,7 +1,7 @@
 """
 Property tests: a Hypothesis state machine drives the pipeline on a fake
 clock through random writes, stash failures, timeouts, late completions,
-crashes and recoveries, and checks the invariants of DESIGN.md section 5
+crashes and recoveries, and checks the invariants of docs/design.md
 after every step; the spool parser and the config loader are fuzzed.
 """
 
