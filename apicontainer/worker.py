@@ -12,7 +12,6 @@ from twisted.logger import Logger
 
 from .interfaces import IStash
 from .crashpoints import reach
-from .deadlines import Deadlines
 from .metrics import Metrics
 from .multipart import MultipartError
 from .uow import UnitOfWork, Verdict, VerdictKind
@@ -65,9 +64,6 @@ class StashWorker:
         self.timeout = timeout
         self.part = part
         self._metrics = metrics
-        # The timeouts of its calls to the stash (and the fanout's commits
-        # and rollbacks on it), all of one length: one timer.
-        self.deadlines = Deadlines(clock)
         self._loops: list[Deferred[None]] = []
 
     @property
@@ -119,7 +115,7 @@ class StashWorker:
             if found is None:
                 return Verdict.declined(f"no part named {self.part!r}")
             uow = evolve(uow, body=found.body, contentType=found.contentType, _parts={}, _digest=None)
-        attempt = self.deadlines.watch(maybeDeferred(self.stash.stash, uow), self.timeout)
+        attempt = maybeDeferred(self.stash.stash, uow).addTimeout(self.timeout, self._clock)
         try:
             verdict = await attempt
         except (defer.TimeoutError, error.TimeoutError):

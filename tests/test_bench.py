@@ -70,22 +70,6 @@ def test_headlineSummary() -> None:
     )
 
 
-def test_timers() -> None:
-    """
-    `python -m bench.timers` times the three ways and prints each against
-    the run's own no-timeout figure.
-    """
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.timers", "--rounds", "5"],
-        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
-    for kind in ("no timeout", "addTimeout", "Deadlines"):
-        [line] = [line for line in lines if line.strip().startswith(kind)]
-        assert " us per request (" in line and "x no timeout" in line, line
-
-
 def test_spares(tmp_path: Path) -> None:
     """
     `python -m bench.spares` times both ways of emptying and reusing a
