@@ -88,23 +88,6 @@ def test_spares(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_frames() -> None:
-    """
-    `python -m bench.frames` times a request's frames both ways, after
-    checking that each way reads back what it made.
-    """
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.frames", "--requests", "10", "--rounds", "1"],
-        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
-    for kind in ("json", "marshal"):
-        [line] = [line for line in lines if line.startswith(f"round 1 {kind}")]
-        assert line.endswith(" us a request (CPU, 8 frames)"), line
-    assert lines[-1].startswith("median CPU a request: json "), lines[-1]
-
-
 def test_compare() -> None:
     """
     `python -m bench.compare BEFORE AFTER` runs each revision's own package
