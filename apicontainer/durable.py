@@ -147,7 +147,9 @@ def writeAtomically(
         fsyncDirectory(path.parent)
 
 
-def writeFile(path: Path, chunks: Iterable[bytes], attributes: Mapping[str, bytes] = {}) -> None:
+def writeFile(
+    path: Path, chunks: Iterable[bytes], attributes: Mapping[str, bytes] = {}, empty: bool = False
+) -> None:
     """
     Create or truncate C{path} and write C{chunks} to it, neither atomically
     nor durably: for a file that nothing refers to until the caller has made
@@ -157,10 +159,13 @@ def writeFile(path: Path, chunks: Iterable[bytes], attributes: Mapping[str, byte
     @param attributes: Extended attributes to set on the file (C{user.*}
         names); a file system without them raises C{OSError} with
         C{ENOTSUP}.
+    @param empty: Whether C{path} is an empty file already (a spare): it is
+        then written as it is, since truncating even an empty file is a
+        change of its metadata.
 
     On any error the file is removed and the error raised.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    fd = os.open(path, os.O_WRONLY if empty else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
             writeAll(fd, chunks)

@@ -426,7 +426,7 @@ class Fanout:
             )
             return False
 
-        call = maybeDeferred(getattr(worker.stash, step), uow).addTimeout(worker.timeout, self._clock)
+        call = worker.deadlines.watch(maybeDeferred(getattr(worker.stash, step), uow), worker.timeout)
         return call.addCallbacks(lambda _: True, failed)
 
     def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:

@@ -21,6 +21,7 @@ from werkzeug.routing import Map, Rule
 from .auth import BearerTokens
 from .config import Limits
 from .container import Container
+from .deadlines import Deadlines
 from .frontqueue import Admission
 from .keys import BadKey, keyFromPath
 from .responses import errorResponse, jsonResponse
@@ -57,6 +58,7 @@ class Ingress:
         """
         self._container = container
         self._clock = clock
+        self._deadlines = Deadlines(clock)
         self.tokens = tokens
         self._rulesFor: object = None
         self._rules: Any = None
@@ -232,7 +234,7 @@ class Ingress:
         uowId = admission.uow.id
         location = f"/_uow/{uowId}"
         done = admission.done
-        done.addTimeout(self._limits.requestTimeout, self._clock)
+        self._deadlines.watch(done, self._limits.requestTimeout)
         try:
             report = await done
         except (defer.TimeoutError, error.TimeoutError):

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from .interfaces import IStash
 from .crashpoints import reach
+from .deadlines import Deadlines
 from .metrics import Metrics
 from .multipart import MultipartError
 from .uow import UnitOfWork, Verdict, VerdictKind
@@ -64,6 +65,9 @@ class StashWorker:
         self.timeout = timeout
         self.part = part
         self._metrics = metrics
+        # The timeouts of its calls to the stash (and the fanout's commits
+        # and rollbacks on it), all of one length: one timer.
+        self.deadlines = Deadlines(clock)
         self._loops: list[Deferred[None]] = []
 
     @property
@@ -115,7 +119,7 @@ class StashWorker:
             if found is None:
                 return Verdict.declined(f"no part named {self.part!r}")
             uow = evolve(uow, body=found.body, contentType=found.contentType, _parts={}, _digest=None)
-        attempt = maybeDeferred(self.stash.stash, uow).addTimeout(self.timeout, self._clock)
+        attempt = self.deadlines.watch(maybeDeferred(self.stash.stash, uow), self.timeout)
         try:
             verdict = await attempt
         except (defer.TimeoutError, error.TimeoutError):

@@ -70,6 +70,22 @@ def test_headlineSummary() -> None:
     )
 
 
+def test_timers() -> None:
+    """
+    `python -m bench.timers` times the three ways and prints each against
+    the run's own no-timeout figure.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.timers", "--rounds", "5"],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for kind in ("no timeout", "addTimeout", "Deadlines"):
+        [line] = [line for line in lines if line.strip().startswith(kind)]
+        assert " us per request (" in line and "x no timeout" in line, line
+
+
 def test_spares(tmp_path: Path) -> None:
     """
     `python -m bench.spares` times both ways of emptying and reusing a
@@ -86,6 +102,23 @@ def test_spares(tmp_path: Path) -> None:
         assert " us a file (CPU)" in line, line
     assert lines[-1].startswith("median CPU a file, both steps: truncate "), lines[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_frames() -> None:
+    """
+    `python -m bench.frames` times a request's frames both ways, after
+    checking that each way reads back what it made.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.frames", "--requests", "10", "--rounds", "1"],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for kind in ("json", "marshal"):
+        [line] = [line for line in lines if line.startswith(f"round 1 {kind}")]
+        assert line.endswith(" us a request (CPU, 8 frames)"), line
+    assert lines[-1].startswith("median CPU a request: json "), lines[-1]
 
 
 def test_compare() -> None:

@@ -156,6 +156,42 @@ async def test_manyCallsInFlight(tmp_path: Path) -> None:
         await stash.stop()
 
 
+async def spares(root: Path, count: int) -> list[Path]:
+    """
+    The files of C{root/.spares} once there are C{count} of them (or after
+    10 s).
+    """
+    folder = root / ".spares"
+    for _ in range(500):
+        if folder.exists() and len(os.listdir(folder)) == count:
+            break
+        await deferLater(reactor, 0.02)
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+@pytest_twisted.ensureDeferred
+async def test_sparesMadeWhileIdle(tmp_path: Path) -> None:
+    """
+    While no call waits, the child makes empty spare files, up to SPARES;
+    a write takes one for its version (the same inode), and the child makes
+    another.
+    """
+    from apicontainer.stashes.filesystem import SPARES
+
+    root = tmp_path / "files"
+    stash = await started(root)
+    try:
+        made = await spares(root, SPARES)
+        assert (len(made), {spare.stat().st_size for spare in made}) == (SPARES, {0})
+        inodes = {spare.stat().st_ino for spare in made}
+        await stash.stash(contractUOW(1, b"one", key="/items/1"))
+        assert (root / "items" / "1.v1").stat().st_ino in inodes
+        assert (root / "items" / "1.v1").read_bytes() == b"one"
+        assert len(await spares(root, SPARES)) == SPARES
+    finally:
+        await stash.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_aKilledChildFailsItsCallsAndANewOneTakesOver(tmp_path: Path) -> None:
     """

@@ -21,7 +21,7 @@ from apicontainer.stashes.filesystem import FilesystemStash, currentVersion, enc
 from apicontainer.stashes.http import HTTPStash
 from apicontainer.stashes.sqlite import SQLiteStash
 from apicontainer.testing import MemoryStash, StashContractTests
-from apicontainer.uow import UnitOfWork, VerdictKind
+from apicontainer.uow import Document, UnitOfWork, VerdictKind
 
 from .conftest import filesCreated
 
@@ -97,19 +97,6 @@ class FilesystemStashStartTests(SynchronousTestCase):
         self.addCleanup(stash.stop)
         self.assertEqual([p.name for p in document.parent.iterdir() if p.name.startswith(".tmp-")], [])
         self.assertEqual(self.successResultOf(stash.read("/items/1")).body, b"doc")
-
-    def test_removesEarlierSpares(self) -> None:
-        """
-        The .spares folder of empty files that an earlier release made ahead
-        of writes is removed at start.
-        """
-        root = Path(self.mktemp())
-        (root / ".spares").mkdir(parents=True)
-        (root / ".spares" / "0a1b2c").write_bytes(b"")
-        stash = FilesystemStash("files", root, inline)
-        self.successResultOf(stash.start())
-        self.addCleanup(stash.stop)
-        self.assertFalse((root / ".spares").exists())
 
 
 class FilesystemStashContractTests(StashContractTests, SynchronousTestCase):
@@ -362,15 +349,71 @@ class FilesystemStashTests(SynchronousTestCase):
         self.assertEqual(currentVersion(self.root / "items" / "43.doc"), "43.v8")
         self.assertEqual(list((self.root / ".undo").iterdir()), [])
 
-    def test_aDeletionWithoutAttributesWritesNoVersion(self) -> None:
+    def test_sparesAreTaken(self) -> None:
         """
-        Where the document is a symlink, a deletion writes no version.
+        L{FilesystemStash.prepareSpare} makes empty files in C{.spares/}, up
+        to SPARES; a write renames them into place as its version and its
+        journal, and creates no file.
+        """
+        from unittest import mock
+
+        from apicontainer.stashes import filesystem
+
+        with mock.patch.object(filesystem, "SPARES", 3):
+            made = 0
+            while self.stash.prepareSpare():
+                made += 1
+        spares = self.root / ".spares"
+        inodes = {path.stat().st_ino for path in spares.iterdir()}
+        self.assertEqual((made, len(inodes)), (3, 3))
+        with filesCreated() as created:
+            self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello", contentType="text/plain")))
+        self.assertEqual(created, [])
+        version = self.root / "items" / "42.v7"
+        journal = self.root / ".undo" / "batch-1.jsonl"
+        left = {path.stat().st_ino for path in spares.iterdir()}
+        self.assertEqual({version.stat().st_ino, journal.stat().st_ino} | left, inodes)
+        self.assertEqual(self.successResultOf(self.stash.read("/items/42")), Document(b"hello", "text/plain", 7))
+        self.assertEqual(os.getxattr(version, "user.uow"), b"v7")
+
+    def test_sparesOutliveARestart(self) -> None:
+        """
+        Spares made by an earlier process are taken after a restart.
+        """
+        self.stash.prepareSpare()
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        with filesCreated() as created:
+            self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hello")))
+        self.assertEqual(created, ["batch-1.jsonl"])
+        self.assertEqual(os.listdir(self.root / ".spares"), [])
+
+    def test_onlyEmptyFilesAreSpares(self) -> None:
+        """
+        A start takes only the empty files of C{.spares/} as spares (a
+        version written through one is not truncated first), and removes
+        any other.
+        """
+        self.stash.prepareSpare()
+        (self.root / ".spares" / "stray").write_bytes(b"not a spare")
+        self.stash = FilesystemStash("files", self.root, inline)
+        self.successResultOf(self.stash.start())
+        self.assertEqual(len(os.listdir(self.root / ".spares")), 1)
+        self.successResultOf(self.stash.stash(uow(7, "/items/42", b"hi")))
+        self.assertEqual((self.root / "items" / "42.v7").read_bytes(), b"hi")
+
+    def test_aDeletionWithoutAttributesTakesNoSpare(self) -> None:
+        """
+        Where the document is a symlink, a deletion writes no version, and
+        leaves the spares where they are.
         """
         withoutAttributes(self)
         self.stash = FilesystemStash("files", self.root, inline)
         self.successResultOf(self.stash.start())
         self.successResultOf(self.stash.stash(uow(1, "/items/42", b"one")))
         self.successResultOf(self.stash.commit(uow(1, "/items/42")))
+        while self.stash.prepareSpare():
+            pass
         deletion = UnitOfWork(id=2, method="DELETE", key="/items/42", route="/items/<id>", body=b"")
         self.successResultOf(self.stash.stash(deletion))
         self.assertEqual(os.readlink(self.root / "items" / "42.doc"), "42.d2")

@@ -13,13 +13,19 @@ Layout, for the key C{/items/42}::
                                of one batch, a JSON line each, until each of
                                them commits or rolls back
     root/.rolledback/17        marker: UOW 17 was rolled back
+    root/.spares/...           empty files made while the stash is idle, each
+                               taken (renamed) by a later version or journal
 
 Where the file system takes no user extended attributes, C{42.doc} is a
 symlink to the version instead, and the content type is in the file
 C{42.v17.type} beside it; a deletion writes no version, and its symlink
 points at a C{.d17} name that does not exist. Either form is read wherever
 it is found. The hard link exists because creating a file (or a symlink) is
-the costliest system call a write makes here, and a link creates none.
+the costliest system call a write makes here, and a link creates none. For
+the same reason the stash's process makes empty files in C{.spares/} while
+no call waits (L{FilesystemStash.prepareSpare}), up to L{SPARES}, and a
+version or a journal takes one of those, renamed into place, instead of a
+new file; with none left, it creates its file as before.
 
 Each key segment is percent-encoded (every byte but letters, digits, C{-}
 and C{_}), so a segment is never C{.} or C{..}, never contains C{/}, and
@@ -58,7 +64,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 from urllib.parse import quote
@@ -96,6 +101,7 @@ _CONTENT_TYPE = "user.content_type"
 _UOW = "user.uow"
 _JOURNAL = re.compile(r"^batch-(?P<seq>[0-9]+)\.jsonl$")
 _MAX_SEGMENT = 120
+SPARES = 64
 _TARGET = re.compile(r"^(?P<stem>[A-Za-z0-9%_~-]+)\.(?P<kind>[vd])(?P<uow>[0-9]+)$")
 
 
@@ -224,6 +230,8 @@ class FilesystemStash(LocalRoot):
         self._blocking = blocking
         self._undo = root / ".undo"
         self._rolledBack = root / ".rolledback"
+        self._sparesDirectory = root / ".spares"
+        self._spares: list[Path] = []
         self._group = GroupCommit(blocking, self._runBatch)
         self._swaps: list[tuple[Path, str, bool, int, int]] = []
         self._commits: list[tuple[UnitOfWork, int]] = []
@@ -282,7 +290,7 @@ class FilesystemStash(LocalRoot):
         @return: How many were removed.
         """
         removed = 0
-        internal = {self._undo.name, self._rolledBack.name}
+        internal = {self._undo.name, self._rolledBack.name, self._sparesDirectory.name}
         for directory, subdirectories, names in os.walk(self.root):
             if directory == str(self.root):
                 subdirectories[:] = [d for d in subdirectories if d not in internal]
@@ -298,12 +306,20 @@ class FilesystemStash(LocalRoot):
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
         removeTemporaries(self._rolledBack)
-        # Empty files an earlier release made ahead of writes; none is read.
-        shutil.rmtree(self.root / ".spares", ignore_errors=True)
         swept = self._sweepTemporaries()
         if swept:
             self.log.info("stash {stash}: removed {count} temporary file(s) a crash left", stash=self.name, count=swept)
         self._attributes = _takesAttributes(self._undo)
+        self._spares = []
+        try:
+            entries = list(os.scandir(self._sparesDirectory))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if entry.stat().st_size:
+                removeFile(Path(entry.path))  # not one of ours: a spare is always empty
+            else:
+                self._spares.append(Path(entry.path))
         self._rolledBackAttempts = {
             int(path.name): int(path.read_text("ascii"))
             for path in self._rolledBack.iterdir()
@@ -389,7 +405,7 @@ class FilesystemStash(LocalRoot):
             return
         path = self._nextJournal()
         lines = b"".join(_journalLine(uowId, self._undos[uowId]) for uowId in uowIds)
-        writeFile(path, [lines])
+        writeFile(path, [lines], empty=self._fromSpare(path))
         for uowId in uowIds:
             self._settle(uowId, self._undos[uowId], path)
 
@@ -539,6 +555,41 @@ class FilesystemStash(LocalRoot):
         self._swapLater(pointer, target, linked, uow)
         return Verdict.stored(status=200)
 
+    def prepareSpare(self) -> bool:
+        """
+        Make one empty file in C{.spares/} for a later version or journal
+        to take, if fewer than L{SPARES} wait there (blocking; the stash's
+        process calls it while no call waits).
+
+        @return: Whether it made one.
+        """
+        if len(self._spares) >= SPARES:
+            return False
+        path = self._sparesDirectory / os.urandom(8).hex()
+        try:
+            self._ensureDirectory(self._sparesDirectory)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        except OSError:
+            self._directories.discard(self._sparesDirectory)
+            return False
+        self._spares.append(path)
+        return True
+
+    def _fromSpare(self, path: Path) -> bool:
+        """
+        Give C{path} the inode of a spare, if one waits, so that writing it
+        creates no file (a write that finds none creates its file).
+
+        @return: Whether C{path} is now an empty spare.
+        """
+        if self._spares:
+            try:
+                os.rename(self._spares.pop(), path)
+                return True
+            except OSError:
+                pass
+        return False
+
     def _writeVersion(self, pointer: Path, target: str, uow: UnitOfWork) -> bool:
         """
         Write C{uow}'s body as the version file C{target} beside C{pointer}
@@ -558,7 +609,8 @@ class FilesystemStash(LocalRoot):
             if contentType:
                 attributes[_CONTENT_TYPE] = contentType.encode("utf-8")
             try:
-                writeFile(version, [] if deletion else uow.bodyChunks(), attributes)
+                empty = self._fromSpare(version)
+                writeFile(version, [] if deletion else uow.bodyChunks(), attributes, empty)
                 return True
             except OSError as e:
                 if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -566,7 +618,7 @@ class FilesystemStash(LocalRoot):
                 self._attributes = False
         if deletion:
             return False
-        writeFile(version, uow.bodyChunks())
+        writeFile(version, uow.bodyChunks(), empty=self._fromSpare(version))
         if contentType:
             writeFile(version.with_name(target + ".type"), [contentType.encode("utf-8")])
         return False

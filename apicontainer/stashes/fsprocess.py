@@ -111,7 +111,9 @@ def main(argv: list[str]) -> None:
     name, root = argv
     stash = FilesystemStash(name, Path(root), inline)
     if becomeChild(Path(root, ".lock"), stash._open):
-        serve(partial(_answers, stash), readIn)
+        # Spare files are made while no call waits (creating a file is the
+        # costliest step of a write).
+        serve(partial(_answers, stash), partial(readIn, stash.prepareSpare))
 
 
 # The server's side.
