@@ -41,6 +41,7 @@ def test_wheelShipsPluginNotTests(wheel: Path) -> None:
     assert "twisted/plugins/apicontainer_plugin.py" in names
     assert "apicontainer/default.yaml" in names
     assert "apicontainer/stashes/sqlite.py" in names
+    assert "apicontainer/testing/_contract.py" in names
     assert not [n for n in names if n.startswith("tests/")]
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
