@@ -108,9 +108,19 @@ class RunningServer:
         return self.process.wait(timeout)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """
+        Send C{sig} and wait for the server to end. One that does not end
+        within 30 s is killed, so that no test leaves a server behind, and
+        the test fails.
+        """
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(30)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+                raise AssertionError(f"the server did not stop within 30 s of signal {sig}") from None
 
     def _call(self, port: int, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
