@@ -39,6 +39,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from attrs import frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -51,6 +52,22 @@ from .uow import SpooledBody, UnitOfWork
 _SIZES = struct.Struct(">II")
 
 Answer = tuple[dict[str, Any], bytes]
+
+
+@frozen
+class Command:
+    """
+    A call the server makes on one of its child processes. Each child's
+    commands are declared once, in its module, and both ends use them: the
+    server to make the call, the child to run it.
+
+    @ivar name: What the call's head carries as C{op}.
+    @ivar batched: Whether the child runs it in one batch with the calls
+        that reached it together (a write), or on its own (a read).
+    """
+
+    name: str
+    batched: bool = True
 
 
 def frame(head: dict[str, Any], body: bytes = b"", dumps: Callable[[Any], bytes] = marshal.dumps) -> bytes:

@@ -51,6 +51,7 @@ from zope.interface import implementer
 from .childprocess import (
     Answer,
     ChildRunner,
+    Command,
     answerBatch,
     becomeChild,
     decodeUOW,
@@ -82,6 +83,13 @@ def removeSpoolFile(spool: Spool, uowId: int, empty: bool = True) -> Exception |
     except Exception as e:
         return e
     return None
+
+
+# The calls of the server on its journal's child, both run in batches: the
+# spool writes with one sync (Spool.runWrites), the final states in one
+# transaction (StateStore.runBatch).
+SPOOL = Command("spool")
+STATE = Command("state")
 
 
 @implementer(IJournal)
@@ -133,17 +141,17 @@ def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[byte
     states in another.
     """
     answers: list[bytes] = []
-    batches: dict[str, list[tuple[int, Operation]]] = {"spool": [], "state": []}
+    batches: dict[str, list[tuple[int, Operation]]] = {SPOOL.name: [], STATE.name: []}
     for head, body in calls:
         try:
             op = head["op"]
-            if op == "spool":
-                operation: Operation = (spool._write, (decodeUOW(head["uow"], body),))
-            elif op == "state":
+            if op == SPOOL.name:
+                operation: Operation = (spool.writeNow, (decodeUOW(head["uow"], body),))
+            elif op == STATE.name:
                 record = _record(head["record"])
                 # Emptied once the answers are out (main).
                 then = partial(removeSpoolFile, spool, record.uow, empty=False) if head["remove"] else None
-                operation = (states._insert, (record, then))
+                operation = (states.insertNow, (record, then))
             else:
                 raise ValueError(f"unknown call {op!r}")
         except Exception:
@@ -151,7 +159,7 @@ def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[byte
             continue
         batches[op].append((len(answers), operation))
         answers.append(b"")
-    for runBatch, batch in ((spool._writeBatch, batches["spool"]), (states._runBatch, batches["state"])):
+    for runBatch, batch in ((spool.runWrites, batches[SPOOL.name]), (states.runBatch, batches[STATE.name])):
         results = answerBatch(runBatch, [operation for _, operation in batch], _answer)
         for (index, _), answer in zip(batch, results):
             answers[index] = answer
@@ -238,7 +246,7 @@ class ProcessJournal:
 
             return self._spool.delete(uow.id).addBoth(refuse)
 
-        return self._call({"op": "spool", "uow": head}, body).addCallbacks(written, lost)
+        return self._call({"op": SPOOL.name, "uow": head}, body).addCallbacks(written, lost)
 
     def settle(self, record: StateRecord, removeSpool: bool) -> Deferred[Exception | None]:
         def recorded(answer: Answer) -> Exception | None:
@@ -248,7 +256,7 @@ class ProcessJournal:
                 raise error
             return OSError(head["removal"]) if "removal" in head else None
 
-        return self._call({"op": "state", "record": _recordFields(record), "remove": removeSpool}).addCallback(
+        return self._call({"op": STATE.name, "record": _recordFields(record), "remove": removeSpool}).addCallback(
             recorded
         )
 

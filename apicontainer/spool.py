@@ -233,7 +233,7 @@ class Spool:
         self.quarantineDirectory = quarantine
         self.sparesDirectory = spares
         self._blocking = blocking
-        self._group = GroupCommit(blocking, self._writeBatch)
+        self._group = GroupCommit(blocking, self.runWrites)
         self._deletions = GroupCommit(blocking, runEach)
         # Taken by writes and given back by deletions, which may run in
         # different threads: a deque's append and popleft are atomic.
@@ -284,9 +284,9 @@ class Spool:
             the spool file), or fails with L{SpoolFull} or L{SpoolError}, in
             which case no spool file exists.
         """
-        return self._group.submit(self._write, uow)
+        return self._group.submit(self.writeNow, uow)
 
-    def _write(self, uow: UnitOfWork) -> UnitOfWork:
+    def writeNow(self, uow: UnitOfWork) -> UnitOfWork:
         path = self.path(uow.id)
         head = _head(uow)
         # Writes take spares one batch at a time, and deletions only give
@@ -306,7 +306,7 @@ class Spool:
             return uow
         return evolve(uow, body=SpooledBody(path, len(head), uow.bodyLength))
 
-    def _writeBatch(self, operations: Sequence[Operation]) -> list[Result]:
+    def runWrites(self, operations: Sequence[Operation]) -> list[Result]:
         outcomes = runEach(operations)
         written = [self.path(uow.id) for ok, uow in outcomes if ok]
         if written:

@@ -121,7 +121,7 @@ class StateStore:
         self.path = path
         self._blocking = blocking
         self._connection: sqlite3.Connection | None = None
-        self._group = GroupCommit(blocking, self._runBatch)
+        self._group = GroupCommit(blocking, self.runBatch)
 
     def open(self) -> None:
         """
@@ -172,9 +172,9 @@ class StateStore:
             committed, with what C{then} returned; it fails with the
             record's error, or with C{then}'s (the record is durable then).
         """
-        return self._group.submit(self._insert, record, then)
+        return self._group.submit(self.insertNow, record, then)
 
-    def _runBatch(self, operations: Sequence[Operation]) -> list[Result]:
+    def runBatch(self, operations: Sequence[Operation]) -> list[Result]:
         db = self._db()
         with immediate(db):
             outcomes = each(operations, lambda operation: operation[0](db, *operation[1]))
@@ -187,8 +187,8 @@ class StateStore:
                     outcomes[index] = (False, Failure())
         return outcomes
 
-    def _insert(self, db: sqlite3.Connection, r: StateRecord, then: object) -> None:
-        # C{then} rides along for _runBatch, which calls it after the commit.
+    def insertNow(self, db: sqlite3.Connection, r: StateRecord, then: object) -> None:
+        # C{then} rides along for runBatch, which calls it after the commit.
         db.execute(
             f"INSERT OR REPLACE INTO uows ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (

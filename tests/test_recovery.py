@@ -437,7 +437,7 @@ class StateStoreTests(SynchronousTestCase):
 
         store = StateStore(Path(self.mktemp()), held)
         store.open()
-        realBatch = store._runBatch
+        realBatch = store.runBatch
         store._group._runBatch = lambda operations: (writes.append(len(operations)), realBatch(operations))[1]  # type: ignore[method-assign]
         record = lambda n: StateRecord(n, "/k", "/k", Status.stored, 200, None, None, None, 0.0)  # noqa: E731
         done = [store.record(record(n)) for n in range(1, 5)]

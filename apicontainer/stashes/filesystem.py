@@ -232,7 +232,7 @@ class FilesystemStash(LocalRoot):
         self._rolledBack = root / ".rolledback"
         self._sparesDirectory = root / ".spares"
         self._spares: list[Path] = []
-        self._group = GroupCommit(blocking, self._runBatch)
+        self._group = GroupCommit(blocking, self.runBatch)
         self._swaps: list[tuple[Path, str, bool, int, int]] = []
         self._commits: list[tuple[UnitOfWork, int]] = []
         self._pendingUOWs: set[int] = set()
@@ -278,7 +278,7 @@ class FilesystemStash(LocalRoot):
         return cls(spec.name, root, context.blocking)
 
     def start(self) -> Deferred[None]:
-        return self._blocking(self._open)
+        return self._blocking(self.openNow)
 
     def _sweepTemporaries(self) -> int:
         """
@@ -301,7 +301,7 @@ class FilesystemStash(LocalRoot):
                 fsyncDirectory(Path(directory))
         return removed
 
-    def _open(self) -> None:
+    def openNow(self) -> None:
         makeDirectories(self._undo)
         makeDirectories(self._rolledBack)
         removeTemporaries(self._undo)
@@ -351,9 +351,9 @@ class FilesystemStash(LocalRoot):
         return succeed(None)
 
     def probe(self) -> Deferred[None]:
-        return self._blocking(self._check)
+        return self._blocking(self.checkNow)
 
-    def _check(self) -> None:
+    def checkNow(self) -> None:
         if not self._undo.is_dir() or not os.access(self._undo, os.W_OK):
             raise OSError(f"{self.root} is not a writable directory with its .undo folder")
 
@@ -448,9 +448,9 @@ class FilesystemStash(LocalRoot):
             self._directories.add(directory)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        return self._group.submit(self._stash, uow).addErrback(unavailable(self, uow, OSError))
+        return self._group.submit(self.stashNow, uow).addErrback(unavailable(self, uow, OSError))
 
-    def _runBatch(self, operations: Sequence[Operation]) -> list[Result]:
+    def runBatch(self, operations: Sequence[Operation]) -> list[Result]:
         """
         Run a batch: a stash's pointer swap, and a commit that must wait for
         a sync, wait for the end of the batch, so that one journal and one
@@ -521,7 +521,7 @@ class FilesystemStash(LocalRoot):
     def _swapLater(self, pointer: Path, target: str, linked: bool, uow: UnitOfWork) -> None:
         self._swaps.append((pointer, target, linked, uow.id, self._later(uow, pointer)))
 
-    def _stash(self, uow: UnitOfWork) -> Verdict:
+    def stashNow(self, uow: UnitOfWork) -> Verdict:
         if self._rolledBackAttempt(uow.id) >= uow.attempt:
             return Verdict.declined("rolled back before it arrived")
         pointer = self._pointer(uow.key)
@@ -657,9 +657,9 @@ class FilesystemStash(LocalRoot):
             removeFile(directory / name)
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._group.submit(self._rollback, uow)
+        return self._group.submit(self.rollbackNow, uow)
 
-    def _rollback(self, uow: UnitOfWork) -> None:
+    def rollbackNow(self, uow: UnitOfWork) -> None:
         self._swappedAt.pop(uow.id, None)
         undo = self._readUndo(uow.id)
         if undo is not None:
@@ -687,9 +687,9 @@ class FilesystemStash(LocalRoot):
                 self._writeUndo(uowId, dict(later, before=undo["before"]), sync=True)
 
     def prune(self, horizon: int) -> Deferred[int]:
-        return self._group.submit(self._prune, horizon)
+        return self._group.submit(self.pruneNow, horizon)
 
-    def _prune(self, horizon: int) -> int:
+    def pruneNow(self, horizon: int) -> int:
         old = [uowId for uowId, attempt in self._rolledBackAttempts.items() if attempt < horizon]
         for uowId in old:
             removeFile(self._rolledBack / str(uowId))
@@ -697,9 +697,9 @@ class FilesystemStash(LocalRoot):
         return len(old)
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._group.submit(self._commit, uow)
+        return self._group.submit(self.commitNow, uow)
 
-    def _commit(self, uow: UnitOfWork) -> None:
+    def commitNow(self, uow: UnitOfWork) -> None:
         # The write must be durable before its undo record goes: when no
         # sync has covered its swap yet, the commit waits for the batch's.
         # Nothing else here needs a sync: an undo record or old version that
@@ -725,9 +725,9 @@ class FilesystemStash(LocalRoot):
         self._forget(uow.id, durably=False)
 
     def read(self, key: str) -> Deferred[Document | None]:
-        return self._blocking(self._read, key)
+        return self._blocking(self.readNow, key)
 
-    def _read(self, key: str) -> Document | None:
+    def readNow(self, key: str) -> Document | None:
         pointer = self._pointer(key)
         current = self._current(pointer)
         if current is None or _TARGET.match(current[0])["kind"] == "d":  # type: ignore[index]

@@ -41,6 +41,7 @@ from zope.interface import implementer
 from ..childprocess import (
     Answer,
     ChildRunner,
+    Command,
     answerBatch,
     becomeChild,
     decodeUOW,
@@ -51,6 +52,7 @@ from ..childprocess import (
     refused,
     serve,
 )
+from ..groupcommit import Operation
 from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
 from . import unavailable
@@ -58,6 +60,18 @@ from .filesystem import LocalRoot
 
 
 # The child.
+
+
+# The calls of the server on a filesystem stash's child: writes, commits,
+# rollbacks and prunes run in one batch (FilesystemStash.runBatch); reads
+# and probes on their own between batches.
+STASH = Command("stash")
+COMMIT = Command("commit")
+ROLLBACK = Command("rollback")
+PRUNE = Command("prune")
+READ = Command("read", batched=False)
+PROBE = Command("probe", batched=False)
+_COMMANDS = {command.name: command for command in (STASH, COMMIT, ROLLBACK, PRUNE, READ, PROBE)}
 
 
 def _answer(result: Any) -> bytes:
@@ -79,27 +93,34 @@ def _answers(stash: Any, calls: list[Answer]) -> list[bytes]:
     answers: list[bytes] = []
     operations: list[Any] = []
     for head, body in calls:
-        op = head["op"]
-        if op in ("stash", "commit", "rollback"):
-            operations.append((getattr(stash, "_" + op), (decodeUOW(head["uow"], body),)))
+        command = _COMMANDS.get(head["op"])
+        if command is not None and command.batched:
+            operations.append(_operation(stash, command, head, body))
             continue
-        if op == "prune":
-            operations.append((stash._prune, (int(head["horizon"]),)))
-            continue
-        answers.extend(answerBatch(stash._runBatch, operations, _answer))
+        answers.extend(answerBatch(stash.runBatch, operations, _answer))
         operations = []
-        answers.append(_single(stash, op, head, body))
-    answers.extend(answerBatch(stash._runBatch, operations, _answer))
+        answers.append(_single(stash, command, head))
+    answers.extend(answerBatch(stash.runBatch, operations, _answer))
     return answers
 
 
-def _single(stash: Any, op: str, head: dict[str, Any], body: bytes) -> bytes:
+def _operation(stash: Any, command: Command, head: dict[str, Any], body: bytes) -> Operation:
+    """
+    The batch operation of a batched call.
+    """
+    if command is PRUNE:
+        return (stash.pruneNow, (int(head["horizon"]),))
+    run = {STASH: stash.stashNow, COMMIT: stash.commitNow, ROLLBACK: stash.rollbackNow}[command]
+    return (run, (decodeUOW(head["uow"], body),))
+
+
+def _single(stash: Any, command: Command | None, head: dict[str, Any]) -> bytes:
     try:
-        if op == "read":
-            return _answer(stash._read(head["key"]))
-        if op == "probe":
-            return _answer(stash._check())
-        raise ValueError(f"unknown call {op!r}")
+        if command is READ:
+            return _answer(stash.readNow(head["key"]))
+        if command is PROBE:
+            return _answer(stash.checkNow())
+        raise ValueError(f"unknown call {head['op']!r}")
     except Exception:
         return refusal(Failure())
 
@@ -110,7 +131,7 @@ def main(argv: list[str]) -> None:
 
     name, root = argv
     stash = FilesystemStash(name, Path(root), inline)
-    if becomeChild(Path(root, ".lock"), stash._open):
+    if becomeChild(Path(root, ".lock"), stash.openNow):
         # Spare files are made while no call waits (creating a file is the
         # costliest step of a write).
         serve(partial(_answers, stash), partial(readIn, stash.prepareSpare))
@@ -179,28 +200,28 @@ class FilesystemProcessStash(LocalRoot):
             return fail(OSError(f"filesystem stash {self.name} is not started"))
         return self._runner.call(head, body).addCallback(_result)
 
-    def _uowCall(self, op: str, uow: UnitOfWork) -> Deferred[Any]:
+    def _uowCall(self, command: Command, uow: UnitOfWork) -> Deferred[Any]:
         # Only a store needs the body.
-        head, body = encodeUOW(uow, withBody=op == "stash")
-        return self._call({"op": op, "uow": head}, body)
+        head, body = encodeUOW(uow, withBody=command is STASH)
+        return self._call({"op": command.name, "uow": head}, body)
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
-        return self._uowCall("stash", uow).addErrback(unavailable(self, uow, OSError))
+        return self._uowCall(STASH, uow).addErrback(unavailable(self, uow, OSError))
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._uowCall("commit", uow)
+        return self._uowCall(COMMIT, uow)
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
-        return self._uowCall("rollback", uow)
+        return self._uowCall(ROLLBACK, uow)
 
     def prune(self, horizon: int) -> Deferred[int]:
-        return self._call({"op": "prune", "horizon": horizon})
+        return self._call({"op": PRUNE.name, "horizon": horizon})
 
     def read(self, key: str) -> Deferred[Document | None]:
-        return self._call({"op": "read", "key": key})
+        return self._call({"op": READ.name, "key": key})
 
     def probe(self) -> Deferred[None]:
-        return self._call({"op": "probe"})
+        return self._call({"op": PROBE.name})
 
 
 if __name__ == "__main__":
