@@ -228,6 +228,8 @@ class Container:
         self._purge: LoopingCall | None = None
         # (when, the next UOW id then), for markerHorizon.
         self._idsSeen: deque[tuple[float, int]] = deque()
+        # The device of each directory a write lands in, for lacksRoom.
+        self._devices: dict[Path, int] = {}
 
     def lacksRoom(self, route: str, size: int, reserve: int) -> Path | None:
         """
@@ -235,8 +237,9 @@ class Container:
         less than C{reserve} bytes free on any disk it lands on: the spool's
         (the spool file, its final state and fail queue record) and those of
         the route's stashes that keep data on this machine (L{ILocalStorage}),
-        adding up what lands on the same disk. A few C{stat} calls, cheap
-        enough for the reactor thread.
+        adding up what lands on the same disk. One C{statvfs} per disk, cheap
+        enough for the reactor thread: each directory's device is looked up
+        once.
 
         @return: A directory on the first disk without room, or L{None}.
         """
@@ -247,10 +250,12 @@ class Container:
             if ILocalStorage.providedBy(stash):
                 spending.append((stash.location, stash.bytesFor(size)))
         for directory, cost in spending:
-            try:
-                device = os.stat(directory).st_dev
-            except OSError:
-                continue  # not there yet: the stash reports its own trouble
+            device = self._devices.get(directory)
+            if device is None:
+                try:
+                    device = self._devices[directory] = os.stat(directory).st_dev
+                except OSError:
+                    continue  # not there yet: the stash reports its own trouble
             path, total = needs.get(device, (directory, 0))
             needs[device] = (path, total + cost)
         for path, total in needs.values():
