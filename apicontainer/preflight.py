@@ -78,15 +78,22 @@ def fileProblem(path: Path) -> str | None:
     return directoryProblem(path.parent)
 
 
+def dataDirProblem(config: Config) -> str | None:
+    """
+    Why the data directory cannot be used, naming the key; L{None} if it
+    can.
+    """
+    problem = directoryProblem(config.dataDir)
+    return f"{config.source}: data_dir: {problem}" if problem else None
+
+
 def pathProblems(config: Config, stashes: Mapping[str, IStash]) -> list[str]:
     """
     Every problem with the data directory and the stashes' local paths, one
     line each, naming the configuration key.
     """
-    problems = []
-    problem = directoryProblem(config.dataDir)
-    if problem:
-        problems.append(f"{config.source}: data_dir: {problem}")
+    problem = dataDirProblem(config)
+    problems = [problem] if problem else []
     for name, stash in stashes.items():
         if not ILocalStorage.providedBy(stash):
             continue

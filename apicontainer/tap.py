@@ -18,7 +18,7 @@ from .auth import BearerTokens
 from .blocking import inThreadPool
 from .config import DEFAULT_CONFIG, ConfigError, loadConfig
 from .container import Container, buildStashes
-from .preflight import directoryProblem
+from .preflight import dataDirProblem
 from .service import ContainerService, SerialPools
 from .stashes import StashContext
 
@@ -96,9 +96,9 @@ def makeService(options: Options) -> IService:
         stashes = buildStashes(config, context)
     except ConfigError as e:
         _refuse(str(e))
-    problem = directoryProblem(config.dataDir)
+    problem = dataDirProblem(config)
     if problem:
-        _refuse(f"{config.source}: data_dir: {problem}")
+        _refuse(problem)
     processes = reactor if IReactorProcess.providedBy(reactor) else None
     container = Container(
         config, stashes, reactor, context.blocking, serial=pools.runner("state"), processes=processes
