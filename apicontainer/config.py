@@ -312,6 +312,16 @@ def isLoopbackOnly(description: str) -> bool:
         return False
 
 
+def _backend(section: Section, what: str, known: tuple[str, ...]) -> str:
+    """
+    The section's C{backend}: C{file} by default, else one of C{known}.
+    """
+    backend = section.string("backend", "file")
+    if backend not in known:
+        raise section.error("backend", f"unknown {what} backend {backend!r} (known: {', '.join(known)})")
+    return backend
+
+
 def _endpoint(section: Section, key: str, default: str) -> str:
     description = section.string(key, default)
     try:
@@ -401,17 +411,11 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     limitsSection.rejectUnknown()
 
     spool = top.section("spool")
-    spoolBackend = spool.string("backend", "file")
-    if spoolBackend not in SPOOL_BACKENDS:
-        known = ", ".join(SPOOL_BACKENDS)
-        raise spool.error("backend", f"unknown spool backend {spoolBackend!r} (known: {known})")
+    spoolBackend = _backend(spool, "spool", SPOOL_BACKENDS)
     spool.rejectUnknown()
 
     failqueue = top.section("failqueue")
-    backend = failqueue.string("backend", "file")
-    if backend not in FAILQUEUE_BACKENDS:
-        known = ", ".join(FAILQUEUE_BACKENDS)
-        raise failqueue.error("backend", f"unknown fail queue backend {backend!r} (known: {known})")
+    backend = _backend(failqueue, "fail queue", FAILQUEUE_BACKENDS)
     retrySection = failqueue.section("retry")
     retryDefaults = RetryPolicy()
     retry = RetryPolicy(
