@@ -12,7 +12,7 @@ from typing import IO, Any, Iterator, Mapping
 
 from attrs import Factory, define, field, frozen
 
-from .multipart import Part, findPart
+from ._multipart import Part, findPart
 
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -36,8 +36,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from apicontainer.blocking import inThreadPool
-from apicontainer.durable import syncFilesystem, writeFile
-from apicontainer.groupcommit import GroupCommit, Operation, Result, runEach
+from apicontainer.storage._durable import syncFilesystem, writeFile
+from apicontainer.storage._groupcommit import GroupCommit, Operation, Result, runEach
 
 from .floor import serve, stored
 

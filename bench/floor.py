@@ -26,8 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from apicontainer.blocking import inThreadPool
-from apicontainer.durable import syncFilesystem, writeFile
-from apicontainer.groupcommit import GroupCommit, Operation, Result, runEach
+from apicontainer.storage._durable import syncFilesystem, writeFile
+from apicontainer.storage._groupcommit import GroupCommit, Operation, Result, runEach
 
 
 class Floor:

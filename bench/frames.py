@@ -9,7 +9,7 @@ four answers: its spool write and its final state (the journal), its store
 and its commit (the filesystem stash). Each frame is written once and read
 once, one end on the server's reactor and the other in a child. This times,
 with the process's CPU clock, all eight frames of a request made and read
-back (L{apicontainer.childprocess.frame} and C{frames}), for a UOW with a
+back (L{apicontainer.storage._childprotocol.frame} and C{frames}), for a UOW with a
 1 KiB body:
 
   - C{marshal}: as the server does it;
@@ -29,10 +29,10 @@ import marshal
 import time
 from typing import Any
 
-from apicontainer import childprocess
-from apicontainer.compactjson import compact
-from apicontainer.journal import _recordFields
-from apicontainer.states import StateRecord
+from apicontainer.storage import _childprotocol as childprocess
+from apicontainer._compactjson import compact
+from apicontainer.storage._journal import _recordFields
+from apicontainer.storage._states import StateRecord
 from apicontainer.testing import contractUOW
 from apicontainer.uow import Report, Status, Verdict
 

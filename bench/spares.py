@@ -14,8 +14,8 @@ cost you want to know):
     and renames it into place (its block is freed, then a new one
     allocated);
   - C{zero}: as the spool does it: zeros are written over the spare's
-    bytes in place (L{apicontainer.spool.emptyFile}), and
-    L{apicontainer.durable.writeAtomically} writes through it: over them,
+    bytes in place (L{apicontainer.storage._spool.emptyFile}), and
+    L{apicontainer.storage._durable.writeAtomically} writes through it: over them,
     cut to the new frame's length, renamed into place (it keeps its
     block).
 
@@ -33,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from apicontainer.durable import syncFilesystem, writeAll, writeAtomically
-from apicontainer.spool import emptyFile
+from apicontainer.storage._durable import syncFilesystem, writeAll, writeAtomically
+from apicontainer.storage._spool import emptyFile
 
 FRAME = 1200  # bytes: the spool frame of a request with a 1 KiB body
 

@@ -8,7 +8,7 @@ stash call and per commit on each of its two stashes), which all but never
 expire. This times, on the real reactor and with the CPU clock, batches of
 32 requests whose five Deferreds each get a timeout of 30 seconds and then
 fire, as under load: with C{Deferred.addTimeout} (a timer each), with
-L{apicontainer.deadlines.Deadlines} (one timer), and with no timeout at all
+L{apicontainer.pipeline._deadlines.Deadlines} (one timer), and with no timeout at all
 (the same Deferreds, the baseline of the same run). The reactor's heap holds
 64 other timers meanwhile, as it does for the connections of a loaded
 server.
@@ -24,7 +24,7 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from apicontainer.deadlines import Deadlines
+from apicontainer.pipeline._deadlines import Deadlines
 
 BATCH = 32  # requests in flight, as in the headline case
 TIMEOUTS = 5  # per request on the default config

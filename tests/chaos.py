@@ -7,7 +7,7 @@ the stores hold.
     .venv/bin/python -m tests.chaos --cycles 300
     .venv/bin/python -m tests.chaos --cycles 300 --keys 20
 
-prints one line of figures; tests/test_chaos.py runs a bounded form. With
+prints one line of figures; tests/system/test_chaos.py runs a bounded form. With
 C{--keys N} the clients write over N shared keys, each write a body of its
 own, and the checker also looks for lost updates: a key left holding a write
 older than one that a client sent after that write was acknowledged.

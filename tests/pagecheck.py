@@ -1,6 +1,6 @@
 """
 Drives the admin page in headless Chromium (Playwright, with Debian's
-Chromium): run by tests/test_page.py in a process of its own.
+Chromium): run by tests/web/test_page.py in a process of its own.
 
     python -m tests.pagecheck ADMIN_URL UOW SCREENSHOT
 """

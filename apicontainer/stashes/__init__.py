@@ -1,70 +1,14 @@
 """
-The built-in stashes, and what every stash factory is given.
+Stashes: the destinations a UOW is delivered to.
+
+The built-in types (C{sqlite}, C{filesystem}, C{postgres}, C{redis},
+C{http}) live in this package's private modules and are found by name
+through L{stashFactory}; another package adds its own type through the
+entry point group C{apicontainer.stashes} (see L{stashTypes}). A factory is
+given the stash's L{apicontainer.config.StashSpec} and a L{StashContext}.
 """
 
-from __future__ import annotations
+from ..config import ENTRY_POINT_GROUP, StashFactory, stashFactory, stashTypes
+from ._context import StashContext, unavailable
 
-from pathlib import Path
-from typing import Any, Callable
-
-from attrs import frozen
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-
-from ..blocking import Blocking
-from ..uow import UnitOfWork, Verdict
-
-
-@frozen
-class StashContext:
-    """
-    What a stash factory may use besides its own options.
-
-    @ivar clock: The clock every wait and timeout runs on.
-    @ivar reactor: The reactor, for stashes that open connections (in the
-        server, the same object as C{clock}).
-    @ivar dataDir: The data directory; relative paths in stash options are
-        resolved against it.
-    @ivar blocking: A shared runner for short blocking calls.
-    @ivar serial: Makes a runner of the stash's own that runs one call at a
-        time, in the order given: for a driver whose connection must not be
-        shared between threads (C{serial(name)}).
-    """
-
-    clock: IReactorTime
-    dataDir: Path
-    blocking: Blocking
-    serial: Callable[[str], Blocking]
-    reactor: Any = None
-
-    def path(self, value: str) -> Path:
-        """
-        Resolve a path option against the data directory.
-        """
-        return self.dataDir / value
-
-
-_log = Logger(namespace="apicontainer.stashes")
-
-
-def unavailable(
-    stash: Any, uow: UnitOfWork, *errors: type[BaseException]
-) -> Callable[[Failure], Verdict]:
-    """
-    An errback for a stash call: one of C{errors} means the destination is
-    down or broken, a 503 verdict (logged as a warning, the UOW is retried);
-    anything else goes on as a failure (a 500 verdict).
-    """
-
-    def verdict(reason: Failure) -> Verdict:
-        reason.trap(*errors)
-        _log.warn(
-            "stash {stash} could not store UOW {uow}: {error}",
-            stash=stash.name,
-            uow=uow.id,
-            error=str(reason.value).strip() or type(reason.value).__name__,
-        )
-        return Verdict.failed(503, f"{type(stash).__name__}: {type(reason.value).__name__}: {reason.value}".strip())
-
-    return verdict
+__all__ = ["ENTRY_POINT_GROUP", "StashContext", "StashFactory", "stashFactory", "stashTypes", "unavailable"]

@@ -17,7 +17,7 @@ sockets, threads or real time::
             self.assertEqual(records.documents["/items/1"].body, b"{}")
 """
 
-from ._contract import (
+from ..testing._contract import (
     CONTRACT,
     INTERLEAVING_KEYS,
     StashContractTests,
@@ -28,8 +28,8 @@ from ._contract import (
     interleavings,
     randomInterleavings,
 )
-from ._harness import ContainerHarness, HarnessResponse
-from ._memory import MemoryStash
+from ..testing._harness import ContainerHarness, HarnessResponse
+from ..testing._memory import MemoryStash
 
 __all__ = [
     "CONTRACT",

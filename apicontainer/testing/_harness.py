@@ -14,14 +14,12 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from ..admin import AdminAPI
-from ..auth import BearerTokens
 from ..blocking import inline
 from ..config import Config, Limits, RouteSpec, StashSpec
-from ..container import Container
-from ..failqueue import RetryPolicy
-from ..ingress import Ingress
 from ..interfaces import IReader, IStash
+from ..pipeline import Container
+from ..storage import RetryPolicy
+from ..web import AdminAPI, BearerTokens, Ingress
 
 
 @define

@@ -1,0 +1,71 @@
+"""
+What the pipeline keeps on this machine's disk: the spool, the journal
+that writes it (and the state store) from a child process, the fail queue,
+the UOW ids, and the helpers they share (durable files, group commit, SQLite
+transactions, the child-process protocol).
+
+The spool and the fail queue are backends behind
+L{apicontainer.interfaces.ISpool} and L{apicontainer.interfaces.IFailQueue};
+the C{file} backends here are the default ones.
+"""
+
+from ._childprocess import ChildRunner, answerBatch, becomeChild, readIn, serve
+from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, refusal, refused
+from ._durable import (
+    fsyncDirectory,
+    makeDirectories,
+    removeDurably,
+    removeFile,
+    removeTemporaries,
+    syncFilesystem,
+    writeAtomically,
+    writeFile,
+)
+from ._failqueue import FailedUOW, FileFailQueue, RetryPolicy
+from ._groupcommit import GroupCommit, Operation, Result, each
+from ._journal import InlineJournal, ProcessJournal
+from ._spool import Spool, SpoolError, SpoolFull
+from ._spoolfile import CorruptSpoolFile
+from ._states import StateRecord, StateStore
+from ._transactions import immediate
+from ._uowids import UOWIds
+
+__all__ = [
+    "Answer",
+    "ChildRunner",
+    "Command",
+    "CorruptSpoolFile",
+    "FailedUOW",
+    "FileFailQueue",
+    "GroupCommit",
+    "InlineJournal",
+    "Operation",
+    "ProcessJournal",
+    "Result",
+    "RetryPolicy",
+    "Spool",
+    "SpoolError",
+    "SpoolFull",
+    "StateRecord",
+    "StateStore",
+    "UOWIds",
+    "answerBatch",
+    "becomeChild",
+    "decodeUOW",
+    "each",
+    "encodeUOW",
+    "frame",
+    "fsyncDirectory",
+    "immediate",
+    "makeDirectories",
+    "readIn",
+    "refusal",
+    "refused",
+    "removeDurably",
+    "removeFile",
+    "removeTemporaries",
+    "serve",
+    "syncFilesystem",
+    "writeAtomically",
+    "writeFile",
+]

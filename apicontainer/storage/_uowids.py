@@ -1,0 +1,75 @@
+"""
+UOW ids: integers, unique for the life of a data directory.
+
+Ids are handed out in memory from a block whose upper end is recorded durably
+before any id of the block is used. After a restart, numbering resumes at the
+recorded end, so no id is ever handed out twice; the unused rest of a block is
+skipped. One durable write serves a whole block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.defer import DeferredLock
+
+from ..blocking import Blocking
+from ._durable import writeAtomically
+
+
+class UOWIds:
+    """
+    Hands out ascending, contiguous UOW ids.
+    """
+
+    def __init__(self, path: Path, blocking: Blocking, blockSize: int = 4096) -> None:
+        self._path = path
+        self._blocking = blocking
+        self._blockSize = blockSize
+        self._lock = DeferredLock()
+        self._next = 0
+        self._limit = 0
+
+    def open(self) -> None:
+        """
+        Reserve the first block after the last one recorded (blocking; at
+        start-up).
+
+        @raise ValueError: The record is unreadable.
+        """
+        try:
+            text = self._path.read_text("ascii").strip()
+        except FileNotFoundError:
+            start = 1
+        else:
+            if not text.isdigit():
+                raise ValueError(f"{self._path}: not a UOW id record: {text[:40]!r}")
+            start = int(text)
+        self._reserve(start)
+
+    @property
+    def first(self) -> int:
+        """
+        The next id that L{allocate} hands out.
+        """
+        return self._next
+
+    def _reserve(self, start: int) -> None:
+        limit = start + self._blockSize
+        writeAtomically(self._path, [b"%d\n" % (limit,)])
+        self._next, self._limit = start, limit
+
+    async def allocate(self) -> int:
+        """
+        The next UOW id; it is never handed out again, even after a crash.
+        """
+        if self._next >= self._limit:
+            await self._lock.acquire()
+            try:
+                if self._next >= self._limit:
+                    await self._blocking(self._reserve, self._limit)
+            finally:
+                self._lock.release()
+        uowId = self._next
+        self._next += 1
+        return uowId
