@@ -6,15 +6,31 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import DEFAULT, RunningServer
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    """
+    The real server, whose retry engine leaves a failed UOW alone for ten
+    minutes: the operator's commands, not the engine, move it.
+    """
+    running = RunningServer(tmp_path, DEFAULT + "failqueue: {{retry: {{initial_s: 600}}}}\n")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.kill(signal.SIGTERM)
 
 COMMAND = str(Path(sys.executable).parent / "apicontainer")
 
