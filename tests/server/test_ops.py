@@ -134,6 +134,7 @@ def reloadUnderLoad(server: RunningServer, config: str) -> dict[str, list[str]]:
     """
     failures: list[object] = []
     stop = threading.Event()
+    written = [0]
 
     def load() -> None:
         n = 0
@@ -146,15 +147,17 @@ def reloadUnderLoad(server: RunningServer, config: str) -> dict[str, list[str]]:
                 continue
             if status != 200:
                 failures.append(status)
+            written[0] = n
 
     writer = threading.Thread(target=load)
     writer.start()
     try:
-        time.sleep(0.3)
+        waitFor(lambda: written[0] >= 5, 30, "five writes before the reload")
         server.configPath.write_text(config)
         status, body = fetch(f"http://127.0.0.1:{server.adminPort}/_reload", "POST")
         assert status == 200, body
-        time.sleep(0.3)
+        after = written[0]
+        waitFor(lambda: written[0] >= after + 5, 30, "five writes after the reload")
     finally:
         stop.set()
         writer.join()

@@ -115,14 +115,20 @@ def test_connectionsPerPeerCapped(tight: RunningServer) -> None:
     """
     held = [socket.create_connection(("127.0.0.1", tight.port), timeout=10) for _ in range(6)]
     try:
-        time.sleep(0.2)
+        # The server takes the six in its own time: until it has, a request
+        # on a seventh is served.
+        deadline = time.monotonic() + 10
+        while tight.request("GET", "/items/0")[0] != 503:
+            assert time.monotonic() < deadline, "the seventh connection was never refused"
         extra = socket.create_connection(("127.0.0.1", tight.port), timeout=10)
         answer = readAll(extra)
         extra.close()
         assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
         held.pop().close()
-        time.sleep(0.2)
-        assert tight.request("PUT", "/items/1", b"x")[0] == 200
+        deadline = time.monotonic() + 10
+        while (status := tight.request("PUT", "/items/1", b"x")[0]) == 503:
+            assert time.monotonic() < deadline, "closing a connection did not free a place"
+        assert status == 200
     finally:
         for s in held:
             s.close()
