@@ -1,0 +1,112 @@
+"""
+The package's shape, as CONTRIBUTING.md's layout map describes it: each
+subpackage imports only those below it, and another subpackage only through
+its public face; no module is much over 400 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "apicontainer"
+
+# Lowest first: a subpackage may import the top-level modules and those
+# before it here, never one after it.
+LAYERS = ["storage", "config", "stashes", "pipeline", "web", "server", "testing"]
+MAX_LINES = 450
+
+
+def _imports(path: Path, top: Path) -> list[tuple[str, int]]:
+    """
+    The absolute names of the modules of the package C{top} that C{path}
+    imports from at run time, with their lines: the imports under C{if
+    TYPE_CHECKING:} are for annotations only, and left out.
+    """
+    package = list(path.relative_to(top.parent).parts[:-1])
+    tree = ast.parse(path.read_text())
+    typing = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.split(".")[0] == top.name:
+                found.append((name, node.lineno))
+    return found
+
+
+def _layer(parts: list[str] | tuple[str, ...]) -> str | None:
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def violations(top: Path) -> list[str]:
+    """
+    Every import between subpackages of C{top} that goes up the layers, or
+    past the other subpackage's face to one of its private modules.
+    """
+    wrong = []
+    for path in sorted(top.rglob("*.py")):
+        mine = _layer(path.relative_to(top.parent).parts)
+        for name, line in _imports(path, top):
+            parts = name.split(".")
+            theirs = _layer(parts)
+            if theirs is None or theirs == mine:
+                continue
+            where = f"{path.relative_to(top.parent)}:{line} imports {name}"
+            if mine is None:
+                wrong.append(f"{where}: a top-level module imports a subpackage")
+            elif LAYERS.index(theirs) > LAYERS.index(mine):
+                wrong.append(f"{where}: {theirs} is above {mine}")
+            elif len(parts) > 2:
+                wrong.append(f"{where}: not through the face of {theirs}")
+    return wrong
+
+
+def test_layersAndFaces() -> None:
+    """
+    Every import between subpackages goes down the layers, to the other
+    subpackage's face.
+    """
+    assert violations(PACKAGE) == []
+
+
+def test_checkSeesWrongImports(tmp_path: Path) -> None:
+    """
+    The check finds an import that goes up the layers, and one that goes
+    past a face.
+    """
+    top = tmp_path / "apicontainer"
+    for package in ("storage", "config", "pipeline"):
+        (top / package).mkdir(parents=True)
+        (top / package / "__init__.py").write_text("")
+    (top / "storage" / "_x.py").write_text("from ..pipeline import Container\n")
+    (top / "pipeline" / "_y.py").write_text(
+        "from ..config._load import Limits\nfrom ..config import Config\nif TYPE_CHECKING:\n    from ..web import Ingress\n"
+    )
+    assert violations(top) == [
+        "apicontainer/pipeline/_y.py:1 imports apicontainer.config._load: not through the face of config",
+        "apicontainer/storage/_x.py:1 imports apicontainer.pipeline: pipeline is above storage",
+    ]
+
+
+def test_modulesAreShort() -> None:
+    """
+    No module is far over 400 lines.
+    """
+    long = {
+        str(path.relative_to(PACKAGE.parent)): count
+        for path in PACKAGE.rglob("*.py")
+        if (count := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
