@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..blocking import Blocking
+from ..storage import numberingOf
 from ..uow import UnitOfWork, Verdict
 
 
@@ -43,6 +44,37 @@ class StashContext:
         Resolve a path option against the data directory.
         """
         return self.dataDir / value
+
+    def numbering(self) -> str | None:
+        """
+        The name of the numbering of the UOWs this server delivers (blocking:
+        call it from a stash's start or later). A store that other machines
+        reach records it beside its data and refuses UOWs of another
+        numbering (L{claimProblem}). L{None} before the data directory is
+        opened.
+        """
+        return numberingOf(self.dataDir)
+
+
+class ForeignNumbering(Exception):
+    """
+    A store already holds writes whose UOWs another data directory numbered.
+    """
+
+
+def claimProblem(stash: str, store: str, theirs: str, ours: str) -> ForeignNumbering | None:
+    """
+    The error of stash C{stash} when the numbering recorded in C{store}
+    (C{theirs}) is not this server's (C{ours}), in one line; L{None} if it is.
+    """
+    if theirs == ours:
+        return None
+    return ForeignNumbering(
+        f"stash {stash}: {store} holds writes numbered by another api-container data directory"
+        f" ({theirs}; this one is {ours}). Servers on the file spool number their UOWs each on"
+        " its own, so they would overwrite each other's writes: give each server its own table"
+        " or prefix (see docs/stashes.md)"
+    )
 
 
 _log = Logger(namespace="apicontainer.stashes")

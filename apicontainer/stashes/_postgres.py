@@ -21,7 +21,7 @@ from zope.interface import implementer
 from ..config import StashSpec
 from ..interfaces import IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
-from ._context import StashContext, unavailable
+from ._context import ForeignNumbering, StashContext, claimProblem, unavailable
 from ._sqldocuments import DocumentTables, tableOption
 
 T = TypeVar("T")
@@ -49,6 +49,7 @@ class PostgresStash:
         table: str = "documents",
         poolSize: int = 16,
         connectTimeout: float = 5.0,
+        numbering: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.name = name
         self.dsn = dsn
@@ -59,6 +60,7 @@ class PostgresStash:
         self._connectTimeout = connectTimeout
         self._pool: adbapi.ConnectionPool | None = None
         self._created = False
+        self._numbering = numbering
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> PostgresStash:
@@ -75,7 +77,7 @@ class PostgresStash:
             psycopg.conninfo.conninfo_to_dict(dsn)
         except Exception as e:
             raise spec.options.error("dsn", f"not a PostgreSQL connection string: {e}") from None
-        return cls(spec.name, dsn, context.reactor, table, poolSize=spec.concurrency)
+        return cls(spec.name, dsn, context.reactor, table, poolSize=spec.concurrency, numbering=context.numbering)
 
     def _lockKey(self, cursor: Any, key: str) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{self.table}:{key}",))
@@ -110,6 +112,7 @@ class PostgresStash:
         def interaction(cursor: Any) -> T:
             if not self._created:
                 self._tables.create(cursor, blob="BYTEA", integer="BIGINT")
+                self._claim(cursor)
             result = operation(cursor, *args)
             return result
 
@@ -119,9 +122,29 @@ class PostgresStash:
 
         return self._pool.runInteraction(interaction).addCallback(created)
 
+    def _claim(self, cursor: Any) -> None:
+        """
+        Record this server's UOW numbering beside the table, or refuse the
+        table if another numbering is recorded there.
+
+        @raise ForeignNumbering: Another data directory writes the table.
+        """
+        ours = self._numbering()
+        if ours is None:
+            return
+        claims = f"{self.table}_numbering"
+        cursor.execute(
+            f'CREATE TABLE IF NOT EXISTS "{claims}" (one INTEGER PRIMARY KEY CHECK (one = 1), numbering TEXT NOT NULL)'
+        )
+        cursor.execute(f'INSERT INTO "{claims}" VALUES (1, %s) ON CONFLICT (one) DO NOTHING', (ours,))
+        cursor.execute(f'SELECT numbering FROM "{claims}"')
+        problem = claimProblem(self.name, f"table {self.table}", cursor.fetchone()[0], ours)
+        if problem is not None:
+            raise problem
+
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         return self._run(self._tables.stash, uow).addErrback(
-            unavailable(self, uow, *_unavailable())
+            unavailable(self, uow, *_unavailable(), ForeignNumbering)
         )
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:

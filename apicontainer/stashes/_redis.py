@@ -19,7 +19,7 @@ guarantee of the other stashes).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred, succeed
@@ -29,7 +29,7 @@ from zope.interface import implementer
 from ..config import StashSpec
 from ..interfaces import IProbe, IPrunable, IReader, IStartable, IStash
 from ..uow import Document, UnitOfWork, Verdict
-from ._context import StashContext, unavailable
+from ._context import StashContext, claimProblem, unavailable
 
 STASH = r"""
 local u = redis.call('HMGET', KEYS[2], 'attempt', 'state')
@@ -153,7 +153,13 @@ class RedisStash:
     log = Logger()
 
     def __init__(
-        self, name: str, url: str, prefix: str = "apicontainer:", poolSize: int = 4, timeout: float = 10.0
+        self,
+        name: str,
+        url: str,
+        prefix: str = "apicontainer:",
+        poolSize: int = 4,
+        timeout: float = 10.0,
+        numbering: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.name = name
         self.url = url
@@ -162,6 +168,8 @@ class RedisStash:
         self._poolSize = poolSize
         self._timeout = timeout
         self._redis: Any = None
+        self._numbering = numbering
+        self._claimed = False
 
     @classmethod
     def fromConfig(cls, spec: StashSpec, context: StashContext) -> RedisStash:
@@ -175,7 +183,14 @@ class RedisStash:
         except ValueError as e:
             raise spec.options.error("url", str(e)) from None
         prefix = spec.options.string("prefix", "apicontainer:")
-        return cls(spec.name, url, prefix, poolSize=min(spec.concurrency, 16), timeout=spec.timeout)
+        return cls(
+            spec.name,
+            url,
+            prefix,
+            poolSize=min(spec.concurrency, 16),
+            timeout=spec.timeout,
+            numbering=context.numbering,
+        )
 
     def start(self) -> Deferred[None]:
         self._connect()
@@ -231,7 +246,31 @@ class RedisStash:
         p = self.prefix
         return [f"{p}doc:{uow.key}", f"{p}undo:{uow.id}", f"{p}pending:{uow.key}"]
 
+    async def _claim(self) -> None:
+        """
+        Record this server's UOW numbering under the prefix (once), or
+        refuse the prefix if another numbering is recorded there.
+
+        @raise ForeignNumbering: Another data directory writes the prefix.
+        """
+        ours = self._numbering()
+        if ours is None:
+            self._claimed = True  # no numbering to claim for (a store tried on its own)
+            return
+        key = f"{self.prefix}numbering"
+        await self._client().set(key, ours, only_if_not_exists=True)
+        theirs = await self._client().get(key)
+        theirs = theirs.decode() if isinstance(theirs, bytes) else theirs
+        problem = claimProblem(self.name, f"prefix {self.prefix}", theirs, ours)
+        if problem is not None:
+            raise problem
+        self._claimed = True
+
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
+        if not self._claimed:
+            return Deferred.fromCoroutine(self._claim()).addCallbacks(
+                lambda _: self.stash(uow), unavailable(self, uow, Exception)
+            )
         contentType = uow.contentType
         arguments = [
             str(uow.id),

@@ -28,7 +28,7 @@ from ._spool import Spool, SpoolError, SpoolFull
 from ._spoolfile import CorruptSpoolFile
 from ._states import StateRecord, StateStore
 from ._transactions import immediate
-from ._uowids import UOWIds
+from ._uowids import UOWIds, numberingOf
 
 __all__ = [
     "Answer",
@@ -58,6 +58,7 @@ __all__ = [
     "fsyncDirectory",
     "immediate",
     "makeDirectories",
+    "numberingOf",
     "readIn",
     "refusal",
     "refused",

@@ -5,16 +5,37 @@ Ids are handed out in memory from a block whose upper end is recorded durably
 before any id of the block is used. After a restart, numbering resumes at the
 recorded end, so no id is ever handed out twice; the unused rest of a block is
 skipped. One durable write serves a whole block.
+
+The numbering itself has a name, made at random when the data directory is
+first opened (L{NUMBERING}): UOW ids of two data directories are not
+comparable, and a network stash uses the name to refuse writes from a second
+numbering (see L{numberingOf}).
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from twisted.internet.defer import DeferredLock
 
 from ..blocking import Blocking
 from ._durable import writeAtomically
+
+
+# The file, in the data directory, that names its UOW numbering.
+NUMBERING = "numbering"
+
+
+def numberingOf(dataDir: Path) -> str | None:
+    """
+    The name of the UOW numbering of C{dataDir} (blocking), or L{None} if
+    the data directory has not been opened yet.
+    """
+    try:
+        return (dataDir / NUMBERING).read_text("ascii").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 class UOWIds:
@@ -45,6 +66,9 @@ class UOWIds:
             if not text.isdigit():
                 raise ValueError(f"{self._path}: not a UOW id record: {text[:40]!r}")
             start = int(text)
+        numbering = self._path.with_name(NUMBERING)
+        if not numbering.exists():
+            writeAtomically(numbering, [uuid.uuid4().hex.encode("ascii") + b"\n"])
         self._reserve(start)
 
     @property

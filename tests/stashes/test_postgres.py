@@ -35,7 +35,7 @@ async def started(dsn: str = POSTGRES_DSN, table: str | None = None) -> Postgres
 def drop(stash: PostgresStash) -> None:
     stash.stop()
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as db:
-        db.execute(f'DROP TABLE IF EXISTS "{stash.table}", "{stash.table}_undo"')
+        db.execute(f'DROP TABLE IF EXISTS "{stash.table}", "{stash.table}_undo", "{stash.table}_numbering"')
 
 
 @pytest.fixture
@@ -128,3 +128,36 @@ async def test_outageIs503AndRecovers() -> None:
         stash.stop()
     finally:
         cluster.destroy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_secondNumberingRefused(shared: None) -> None:
+    """
+    A table written by the UOWs of one data directory refuses those of
+    another, in one line that names the table and says why, and stores
+    nothing of them; the first, restarted, still writes it.
+    """
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    first = PostgresStash("pg", POSTGRES_DSN, reactor, table=table, numbering=lambda: "one")
+    await first.start()
+    try:
+        assert (await first.stash(contractUOW(5, key="/k"))).kind is VerdictKind.stored
+        await first.commit(contractUOW(5, key="/k"))
+        second = PostgresStash("pg2", POSTGRES_DSN, reactor, table=table, numbering=lambda: "two")
+        with pytest.raises(Exception) as refused:
+            await second.start()
+        message = str(refused.value)
+        assert "\n" not in message
+        assert f"stash pg2: table {table} holds writes numbered by another api-container data directory" in message
+        assert "(one; this one is two)" in message
+        verdict = await second.stash(contractUOW(9, b"theirs", key="/k"))
+        assert (verdict.kind, verdict.status) == (VerdictKind.failed, 503)
+        assert "another api-container data directory" in (verdict.detail or "")
+        second.stop()
+        assert (await first.read("/k")).uow == 5  # type: ignore[union-attr]
+        again = PostgresStash("pg", POSTGRES_DSN, reactor, table=table, numbering=lambda: "one")
+        await again.start()
+        assert (await again.stash(contractUOW(6, key="/k"))).kind is VerdictKind.stored
+        again.stop()
+    finally:
+        drop(first)

@@ -136,3 +136,34 @@ async def test_outageIs503AndRecovers() -> None:
         await stash.stop()
     finally:
         server.destroy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_secondNumberingRefused(shared: None) -> None:
+    """
+    A prefix written by the UOWs of one data directory refuses those of
+    another, in one line that names the prefix and says why, and stores
+    nothing of them; the first, restarted, still writes it.
+    """
+    prefix = f"test-{uuid.uuid4().hex[:10]}:"
+    first = RedisStash("cache", URL, prefix=prefix, numbering=lambda: "one")
+    await first.start()
+    second = RedisStash("cache2", URL, prefix=prefix, numbering=lambda: "two")
+    await second.start()
+    try:
+        assert (await first.stash(contractUOW(5, key="/k"))).kind is VerdictKind.stored
+        await first.commit(contractUOW(5, key="/k"))
+        verdict = await second.stash(contractUOW(9, b"theirs", key="/k"))
+        assert (verdict.kind, verdict.status) == (VerdictKind.failed, 503)
+        detail = verdict.detail or ""
+        assert "\n" not in detail
+        assert f"stash cache2: prefix {prefix} holds writes numbered by another api-container data directory" in detail
+        assert "(one; this one is two)" in detail
+        assert (await first.read("/k")).uow == 5  # type: ignore[union-attr]
+        again = RedisStash("cache", URL, prefix=prefix, numbering=lambda: "one")
+        await again.start()
+        assert (await again.stash(contractUOW(6, key="/k"))).kind is VerdictKind.stored
+        await again.stop()
+    finally:
+        await second.stop()
+        await cleanUp(first)
