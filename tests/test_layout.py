@@ -110,3 +110,19 @@ def test_modulesAreShort() -> None:
         if (count := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_childProcessesImportLittle() -> None:
+    """
+    The child processes (the journal, the filesystem stash) import none of
+    the configuration, pipeline, web or server modules: each module a
+    child holds costs it memory and garbage-collector time on every batch.
+    """
+    import subprocess
+    import sys
+
+    for module in ("apicontainer.storage._journal", "apicontainer.stashes._fsprocess"):
+        code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        heavy = [name for name in loaded if name.split(".")[:2] in (["apicontainer", p] for p in LAYERS[1:] if p != "stashes")]
+        assert heavy == [], module

@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..config import Config, ConfigError, StashSpec
+from ..config import Config, ConfigError, StashSpec, stashFactory
 from ..interfaces import IReader, IStartable, IStash
-from ..stashes import StashContext, stashFactory
+from ..stashes import StashContext
 
 T = TypeVar("T")
 

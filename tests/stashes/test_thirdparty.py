@@ -30,7 +30,7 @@ def test_entryPointStashIsFound(tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(site)
     env = dict(os.environ, PYTHONPATH=str(site))
     types = subprocess.run(
-        [sys.executable, "-c", "from apicontainer.stashes import stashTypes; print(' '.join(stashTypes()))"],
+        [sys.executable, "-c", "from apicontainer.config import stashTypes; print(' '.join(stashTypes()))"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert types == ["filesystem", "http", "memory", "postgres", "redis", "sqlite"]
