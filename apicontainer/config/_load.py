@@ -15,17 +15,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from werkzeug.routing import Map, Rule
 
+from .. import storage
 from ..storage import RetryPolicy
 from ._registry import stashTypes
 from ._section import ConfigError, Section
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
-# The backends of the spool and of the fail queue: C{file} keeps them in
-# the data directory (L{apicontainer.storage._spool.Spool},
-# L{apicontainer.storage._failqueue.FileFailQueue}).
-SPOOL_BACKENDS = ("file",)
-FAILQUEUE_BACKENDS = ("file",)
+# The backends of the spool and of the fail queue (see apicontainer.storage).
+SPOOL_BACKENDS = tuple(storage.SPOOL_BACKENDS)
+FAILQUEUE_BACKENDS = tuple(storage.FAILQUEUE_BACKENDS)
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 

@@ -17,19 +17,9 @@ from twisted.logger import Logger
 
 from ..blocking import Blocking
 from ..config import Config, ConfigError, StashSpec
-from ..interfaces import IJournal, ILocalStorage, IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IReader, IStartable, IStash
 from ..stashes import StashContext
-from ..storage import (
-    CorruptSpoolFile,
-    FailedUOW,
-    FileFailQueue,
-    InlineJournal,
-    ProcessJournal,
-    Spool,
-    StateRecord,
-    StateStore,
-    UOWIds,
-)
+from ..storage import FAILQUEUE_BACKENDS, SPOOL_BACKENDS, CorruptSpoolFile, FailedUOW, StateRecord
 from ..uow import Status, UnitOfWork
 from ._fanout import Fanout
 from ._frontqueue import Admission, FrontQueue
@@ -103,19 +93,12 @@ class Container:
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
-        # Only the one that writes the spool files keeps spares.
-        spares = None if processes is not None else dataDir / "spares"
-        self.spool = Spool(dataDir / "spool", dataDir / "quarantine", serial or blocking, spares)
-        self.ids = UOWIds(dataDir / "uow-ids", blocking)
-        self.failQueue = FileFailQueue(
-            dataDir / "failed", blocking, clock, config.retry, uniform
-        )
-        self.states = StateStore(dataDir / "state.sqlite3", serial or blocking)
-        self.journal: IJournal = (
-            InlineJournal(self.spool, self.states)
-            if processes is None
-            else ProcessJournal(dataDir, self.spool, processes)
-        )
+        backend = SPOOL_BACKENDS[config.spoolBackend](dataDir, blocking, serial, processes)
+        self.spool = backend.spool
+        self.ids = backend.ids
+        self.states = backend.states
+        self.journal = backend.journal
+        self.failQueue = FAILQUEUE_BACKENDS[config.failqueueBackend](dataDir, blocking, clock, config.retry, uniform)
         self.idempotency = IdempotencyIndex(self.states, self.failQueue)
         self.records = UOWRecords()
         self.metrics = Metrics()

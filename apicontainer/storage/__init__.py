@@ -9,6 +9,7 @@ L{apicontainer.interfaces.ISpool} and L{apicontainer.interfaces.IFailQueue};
 the C{file} backends here are the default ones.
 """
 
+from ._backends import FAILQUEUE_BACKENDS, SPOOL_BACKENDS, SpoolBackend, fileFailQueue, fileSpool
 from ._childprocess import ChildRunner, answerBatch, becomeChild, readIn, serve
 from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, refusal, refused
 from ._durable import (
@@ -31,6 +32,11 @@ from ._transactions import immediate
 from ._uowids import UOWIds, numberingOf
 
 __all__ = [
+    "FAILQUEUE_BACKENDS",
+    "SPOOL_BACKENDS",
+    "SpoolBackend",
+    "fileFailQueue",
+    "fileSpool",
     "Answer",
     "ChildRunner",
     "Command",

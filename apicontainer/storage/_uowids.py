@@ -22,7 +22,6 @@ from twisted.internet.defer import DeferredLock
 from ..blocking import Blocking
 from ._durable import writeAtomically
 
-
 # The file, in the data directory, that names its UOW numbering.
 NUMBERING = "numbering"
 
