@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).parents[1] / "apicontainer"
 
 # Lowest first: a subpackage may import the top-level modules and those
@@ -112,6 +114,7 @@ def test_modulesAreShort() -> None:
     assert long == {}
 
 
+@pytest.mark.process
 def test_childProcessesImportLittle() -> None:
     """
     The child processes (the journal, the filesystem stash) import none of

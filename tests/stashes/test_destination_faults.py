@@ -11,6 +11,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -29,6 +30,7 @@ from tests.downstream import Downstream
 from tests.services import ThrowawayPostgres, ThrowawayRedis
 
 
+@pytest.mark.process
 @pytest_twisted.ensureDeferred
 async def test_pausedPostgres() -> None:
     """
@@ -59,6 +61,7 @@ async def test_pausedPostgres() -> None:
         cluster.destroy()
 
 
+@pytest.mark.process
 @pytest_twisted.ensureDeferred
 async def test_pausedRedis() -> None:
     """

@@ -28,6 +28,8 @@ from apicontainer.stashes._fsprocess import FilesystemProcessStash
 from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
 from apicontainer.uow import SpooledBody, VerdictKind
 
+pytestmark = pytest.mark.process
+
 
 async def started(root: Path) -> FilesystemProcessStash:
     stash = FilesystemProcessStash("files", root, reactor)

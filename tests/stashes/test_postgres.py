@@ -102,6 +102,7 @@ async def test_rowsInTheDatabase(shared: None) -> None:
         drop(stash)
 
 
+@pytest.mark.process
 @pytest_twisted.ensureDeferred
 async def test_outageIs503AndRecovers() -> None:
     """

@@ -113,6 +113,7 @@ def test_parseURL() -> None:
             parseURL(bad)
 
 
+@pytest.mark.process
 @pytest_twisted.ensureDeferred
 async def test_outageIs503AndRecovers() -> None:
     """

@@ -32,6 +32,8 @@ from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, Status, Uni
 
 from tests.conftest import holdsBytes
 
+pytestmark = pytest.mark.process
+
 
 class Server:
     """
