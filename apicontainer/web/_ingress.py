@@ -144,24 +144,6 @@ class Ingress:
                 "too_large",
                 f"the body exceeds limits.max_body_bytes ({self._limits.maxBodyBytes} bytes)",
             )
-        full = self._container.lacksRoom(route, size, self._limits.minFreeBytes)
-        if full is not None:
-            self.log.warn(
-                "disk full: a {size}-byte write on {route} would leave less than"
-                " limits.min_free_bytes ({reserve}) free on the disk of {path}",
-                size=size,
-                route=route,
-                reserve=self._limits.minFreeBytes,
-                path=str(full),
-            )
-            return errorResponse(
-                request,
-                503,
-                "disk_full",
-                f"less than limits.min_free_bytes ({self._limits.minFreeBytes}) would be left"
-                " on the server's disk after this write",
-                retry_after="5",
-            )
         if self.inFlight >= self._limits.maxInFlight:
             return errorResponse(
                 request,
@@ -200,9 +182,41 @@ class Ingress:
                     return errorResponse(request, e.status, "idempotency_key", str(e))
                 if replay is not None:
                     return self._answer(request, replay.report, replay.location, replayed=True)
+            # After the key's own answer, which writes nothing: a resend on
+            # a full disk is answered as its key says, not refused.
+            refusal = self._lacksRoom(request, route, size)
+            if refusal is not None:
+                if idempotencyKey is not None:
+                    self._container.idempotency.abandon(idempotencyKey)
+                return refusal
             return await self._submit(request, template)
         finally:
             self.inFlight -= 1
+
+    def _lacksRoom(self, request: IRequest, route: str, size: int) -> bytes | None:
+        """
+        The 503 for a write of C{size} bytes on C{route} that would leave a
+        disk it lands on below C{limits.min_free_bytes}, or L{None}.
+        """
+        full = self._container.lacksRoom(route, size, self._limits.minFreeBytes)
+        if full is None:
+            return None
+        self.log.warn(
+            "disk full: a {size}-byte write on {route} would leave less than"
+            " limits.min_free_bytes ({reserve}) free on the disk of {path}",
+            size=size,
+            route=route,
+            reserve=self._limits.minFreeBytes,
+            path=str(full),
+        )
+        return errorResponse(
+            request,
+            503,
+            "disk_full",
+            f"less than limits.min_free_bytes ({self._limits.minFreeBytes}) would be left"
+            " on the server's disk after this write",
+            retry_after="5",
+        )
 
     async def _submit(self, request: IRequest, template: UnitOfWork) -> bytes:
         # Klein cancels the handler when the client goes away. Spooling must

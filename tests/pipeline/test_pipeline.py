@@ -18,6 +18,7 @@ from apicontainer.config import Limits
 from apicontainer.storage._failqueue import RetryPolicy
 from apicontainer.pipeline._fanout import CommitFailed
 from apicontainer.testing import ContainerHarness, MemoryStash
+from apicontainer.uow import Verdict
 
 
 class PipelineTestCase(SynchronousTestCase):
@@ -833,6 +834,34 @@ class DiskCostTests(PipelineTestCase):
             self.assertRefused(h.request("PUT", "/items/1", b"x"), 503, "disk_full")
         with self.free(1024 * 1024 + 128 * 1024):
             self.assertEqual(h.request("PUT", "/items/1", b"x").code, 200)
+
+
+    def test_resendWithItsKeyOnAFullDisk(self) -> None:
+        """
+        On a full disk, a resend under an Idempotency-Key gets the answer
+        its key has, as it writes nothing: the first request's result once
+        it is stored, 409 while it is under way. A new key gets disk_full,
+        and can be sent again once there is room.
+        """
+        a, b = MemoryStash("a"), MemoryStash("b")
+        h = self.build(a, b, limits=Limits(minFreeBytes=1024 * 1024))
+        stored = {"idempotency-key": "first"}
+        self.assertEqual(h.request("PUT", "/items/1", b"x", stored).code, 200)
+        b.hang = True
+        waiting = h.send("PUT", "/items/2", b"y", {"idempotency-key": "second"})
+        with self.free(0):
+            replay = h.request("PUT", "/items/1", b"x", stored)
+            self.assertEqual((replay.code, replay.header("idempotent-replayed")), (200, "true"))
+            underWay = h.request("PUT", "/items/2", b"y", {"idempotency-key": "second"})
+            self.assertEqual((underWay.code, underWay.json()["error"]), (409, "idempotency_key"))
+            full = h.request("PUT", "/items/3", b"z", {"idempotency-key": "third"})
+            self.assertEqual((full.code, full.json()["error"]), (503, "disk_full"))
+            self.assertEqual(self.spooled(), ["00000000000000000002.uow"])
+        b.hang = False
+        for hanging in b.hanging:
+            hanging.callback(Verdict.stored())
+        self.assertEqual(h.result(waiting).code, 200)
+        self.assertEqual(h.request("PUT", "/items/3", b"z", {"idempotency-key": "third"}).code, 200)
 
 
 class HousekeepingTests(PipelineTestCase):

@@ -126,10 +126,11 @@ def test_writeMeetingENOSPCIsNeverForgotten(tmp_path: Path) -> None:
     still waiting on its downstream), then the downstream fails it: the
     rollback and the fail queue record meet ENOSPC for real. The client gets
     its 503; the running server keeps the UOW as unsettled (/_uow, /_health
-    say so) and an Idempotency-Key resend is refused meanwhile (503
-    disk_full: nothing more is spooled on a full disk). Once space
-    returns it is re-driven without a restart and ends stored in both
-    stores, and the resend gets that final answer.
+    say so) and an Idempotency-Key resend gets 409 meanwhile (its first
+    request is still under way; the full disk does not matter to a resend,
+    which writes nothing). Once space returns it is re-driven without a
+    restart and ends stored in both stores, and the resend gets that final
+    answer.
     """
     downstream = GatedDownstream()
     try:
@@ -169,7 +170,7 @@ def test_writeMeetingENOSPCIsNeverForgotten(tmp_path: Path) -> None:
                 assert health["status"] == "attention" and health["unsettled"] == 1, health
                 assert server.admin("GET", "/_failed")[1]["failed"] == []
                 status, _, body = server.request("PUT", "/items/1", b"x" * 4096, headers)
-                assert (status, json.loads(body)["error"]) == (503, "disk_full")
+                assert (status, json.loads(body)["error"]) == (409, "idempotency_key")
                 downstream.status = 200
                 filler.unlink()
                 until(
