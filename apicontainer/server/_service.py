@@ -30,7 +30,8 @@ def _encrypted(endpoint: object) -> bool:
 class SerialPools:
     """
     One-thread pools, one per stash that asks for a serial runner; started
-    and stopped with the service.
+    and stopped with the service, and each released by its stash once the
+    stash has stopped (a stash a reload replaced or removed).
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -42,13 +43,24 @@ class SerialPools:
         """
         A runner that runs one call at a time, in order, on its own thread;
         started at once when the pools already are (a stash built by a
-        reload).
+        reload). Its C{release()} stops its thread.
         """
         pool = ThreadPool(minthreads=1, maxthreads=1, name=f"apicontainer-{name}")
         self._pools.append(pool)
         if self._started:
             pool.start()
-        return inThreadPool(self._reactor, pool)
+        run = inThreadPool(self._reactor, pool)
+
+        def release() -> None:
+            if pool in self._pools:
+                self._pools.remove(pool)
+                pool.stop()
+
+        run.release = release  # type: ignore[attr-defined]
+        return run
+
+    def __len__(self) -> int:
+        return len(self._pools)
 
     def start(self) -> None:
         self._started = True

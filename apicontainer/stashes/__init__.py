@@ -12,6 +12,6 @@ process imports it, and every module it holds costs that process memory
 and garbage-collector time.
 """
 
-from ._context import ForeignNumbering, StashContext, claimProblem, unavailable
+from ._context import ForeignNumbering, StashContext, claimProblem, released, unavailable
 
-__all__ = ["ForeignNumbering", "StashContext", "claimProblem", "unavailable"]
+__all__ = ["ForeignNumbering", "StashContext", "claimProblem", "released", "unavailable"]

@@ -5,9 +5,10 @@ What every stash factory is given, and the errback most stashes share.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,6 +16,9 @@ from twisted.python.failure import Failure
 from ..blocking import Blocking
 from ..storage import numberingOf
 from ..uow import UnitOfWork, Verdict
+
+
+T = TypeVar("T")
 
 
 @frozen
@@ -30,7 +34,9 @@ class StashContext:
     @ivar blocking: A shared runner for short blocking calls.
     @ivar serial: Makes a runner of the stash's own that runs one call at a
         time, in the order given: for a driver whose connection must not be
-        shared between threads (C{serial(name)}).
+        shared between threads (C{serial(name)}). In the server it has a
+        C{release()} that ends its thread: a stash calls it once stopped
+        (L{released}).
     """
 
     clock: IReactorTime
@@ -54,6 +60,24 @@ class StashContext:
         opened.
         """
         return numberingOf(self.dataDir)
+
+
+def released(runner: Blocking, stopped: Deferred[T]) -> Deferred[T]:
+    """
+    Release C{runner}, a runner from C{StashContext.serial}, once C{stopped}
+    (a stash's stop through it) has succeeded: its thread is idle then, and
+    ends at once. A stop that failed or was given up on may still hold the
+    thread, which is left to it. A runner without C{release()} (an inline
+    one, in unit tests) is left as it is.
+    """
+
+    def release(result: T) -> T:
+        done = getattr(runner, "release", None)
+        if done is not None:
+            done()
+        return result
+
+    return stopped.addCallback(release)
 
 
 class ForeignNumbering(Exception):

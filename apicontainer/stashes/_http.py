@@ -31,7 +31,7 @@ from ..config import StashSpec
 from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..storage import immediate
 from ..uow import Document, UnitOfWork, Verdict
-from ._context import StashContext
+from ._context import StashContext, released
 
 PREPARED = "prepared"
 ROLLED_BACK = "rolledback"
@@ -135,7 +135,7 @@ class HTTPStash:
                 self._db.close()
                 self._db = None
 
-        return self._blocking(close)
+        return released(self._blocking, self._blocking(close))
 
     def _local(self) -> sqlite3.Connection:
         if self._db is None:

@@ -22,7 +22,7 @@ from ..config import StashSpec
 from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
 from ..storage import GroupCommit, Operation, Result, each, immediate
 from ..uow import Document, UnitOfWork, Verdict
-from ._context import StashContext, unavailable
+from ._context import StashContext, released, unavailable
 from ._sqldocuments import DocumentTables, tableOption
 
 T = TypeVar("T")
@@ -92,7 +92,7 @@ class SQLiteStash:
         self._connection = connection
 
     def stop(self) -> Deferred[None]:
-        return self._blocking(self._close)
+        return released(self._blocking, self._blocking(self._close))
 
     def _close(self) -> None:
         if self._connection is not None:
