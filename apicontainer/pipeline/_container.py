@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, DeferredList
@@ -32,14 +32,9 @@ from ._retry import RetryEngine
 from ._stashset import buildStashes, shielded, startAll, stopAll
 from ._worker import Routing, StashWorker
 
-T = TypeVar("T")
-
 # What a write costs on the spool's disk besides its body: the spool file's
 # head, its final state in the state store and a fail queue record.
 SPOOL_OVERHEAD = 64 * 1024
-
-
-_log = Logger(namespace="apicontainer.pipeline.container")
 
 
 class NotFailed(Exception):
