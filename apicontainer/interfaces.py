@@ -153,7 +153,7 @@ class ISpool(Interface):
     Where each request is kept, durably, from admission until its UOW is
     final: the calls the pipeline makes on a spool besides the writes and
     removals that go through the L{IJournal}. The C{file} backend is
-    L{apicontainer.storage._spool.Spool}.
+    L{apicontainer.storage.Spool}.
     """
 
     directory = Attribute(
@@ -175,7 +175,7 @@ class ISpool(Interface):
     def load(uowId):
         """
         @return: A Deferred that fires with the L{apicontainer.uow.UnitOfWork}
-            of C{uowId}; it fails with L{apicontainer.storage._spool.CorruptSpoolFile},
+            of C{uowId}; it fails with L{apicontainer.storage.CorruptSpoolFile},
             or with L{FileNotFoundError} when there is none.
         """
 
@@ -220,12 +220,12 @@ class IJournal(Interface):
         Spool C{uow} durably.
 
         @return: A Deferred that fires with the UOW once its spool file is
-            durable; it fails with L{apicontainer.storage._spool.SpoolError}.
+            durable; it fails with L{apicontainer.storage.SpoolError}.
         """
 
     def settle(record, removeSpool):
         """
-        Record a final state (an L{apicontainer.storage._states.StateRecord})
+        Record a final state (an L{apicontainer.storage.StateRecord})
         durably, then, with C{removeSpool}, remove the UOW's spool file.
 
         @return: A Deferred that fires once the record is durable, with the
@@ -238,11 +238,11 @@ class IFailQueue(Interface):
     """
     A durable record of UOWs that failed with a 5xx and wait for a retry,
     with their retry schedule: every call the pipeline makes on it. The
-    C{file} backend is L{apicontainer.storage._failqueue.FileFailQueue}.
+    C{file} backend is L{apicontainer.storage.FileFailQueue}.
     """
 
     retry = Attribute(
-        "The retry policy (L{apicontainer.storage._failqueue.RetryPolicy}); a reload replaces it."
+        "The retry policy (L{apicontainer.storage.RetryPolicy}); a reload replaces it."
     )
 
     def open():
@@ -264,7 +264,7 @@ class IFailQueue(Interface):
         @param route: The UOW's route pattern.
         @param rollbackFailed: The stashes whose rollback failed.
         @param compensate: Whether only the rollback is to be retried.
-        @return: A L{apicontainer.storage._failqueue.FailedUOW}.
+        @return: A L{apicontainer.storage.FailedUOW}.
         """
 
     def markRetrying(uowId):
@@ -279,13 +279,13 @@ class IFailQueue(Interface):
         """
         Record C{entry} durably, replacing an earlier record of the same UOW.
 
-        @param entry: A L{apicontainer.storage._failqueue.FailedUOW}.
+        @param entry: A L{apicontainer.storage.FailedUOW}.
         @return: A Deferred that fires with L{None} once the record is durable.
         """
 
     def get(uowId):
         """
-        @return: The L{apicontainer.storage._failqueue.FailedUOW} for C{uowId}, or
+        @return: The L{apicontainer.storage.FailedUOW} for C{uowId}, or
             L{None}.
         """
 

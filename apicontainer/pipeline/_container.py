@@ -389,7 +389,7 @@ class Container:
         """
         Spool C{request} under a new UOW id and queue it for the fanout.
 
-        @raise apicontainer.storage._spool.SpoolError: Nothing was spooled.
+        @raise apicontainer.storage.SpoolError: Nothing was spooled.
         """
         assert self.front is not None, "open() first"
         return await self.front.admit(request)

@@ -61,7 +61,7 @@ class FrontQueue:
 
         @param request: The request, with any id: it is replaced.
         @return: The admission, whose C{done} fires with the UOW's report.
-        @raise apicontainer.storage._spool.SpoolError: Nothing was spooled or queued.
+        @raise apicontainer.storage.SpoolError: Nothing was spooled or queued.
         """
         uowId = await self._ids.allocate()
         uow = evolve(request, id=uowId, attempt=uowId)

@@ -2,9 +2,10 @@
 The spool: every accepted request, on local disk, before anything else.
 
 One file per UOW, C{spool/<uow id>.uow}, in the frame of
-L{apicontainer.storage._spoolfile}. A file is written under a temporary name, fsynced, renamed into place and its
-directory fsynced, so it is either whole or absent. A file that fails its
-checks is moved to C{quarantine/} and never replayed.
+L{apicontainer.storage._spoolfile}. A file is written under a temporary
+name, fsynced, renamed into place and its directory fsynced, so it is either
+whole or absent. A file that fails its checks is moved to C{quarantine/} and
+never replayed.
 
 Creating a file is the costliest system call a write makes on some disks
 (more than its write and its share of the sync), so a deleted spool file is
