@@ -13,12 +13,16 @@ Klein app that reads the body and stores nothing) measured in the same run
 with the same concurrency and body size. Beside each baseline it measures
 two floors: bench/floor.py (the same app writing each body durably to a file
 of its own) and bench/designfloor.py (the same app doing the least work the
-design's order of durable steps needs: spool, then SQLite and a file).
+design's order of durable steps needs: spool, then SQLite and a file). At
+c=32 with 1 KiB bodies (and in the smoke run) it also measures the peer,
+bench/peer.py: what a user would write by hand with FastAPI and uvicorn,
+with one worker process and with two (pip install -e '.[bench]').
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +42,8 @@ TWIST = str(Path(sys.executable).parent / "twist")
 # request) and bench/designfloor.py (the least work the design's order of
 # durable steps needs).
 FLOORS = ("floor", "designfloor")
+# The peer (bench/peer.py), by its number of uvicorn workers.
+PEERS = {"FastAPI, 1 worker": "1", "FastAPI, 2 workers": "2"}
 
 
 def freePort() -> int:
@@ -195,7 +201,8 @@ def server(work: Path, concurrency: int, body: int, stashes: int, failing: bool,
                    body, 10 if failing else 0, data, env)
 
 
-def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float, baselines: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
+def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float,
+         baselines: dict[tuple[int, int], dict[str, Any]], withPeers: bool = False) -> dict[str, Any]:
     key = (concurrency, body)
     if key not in baselines:
         port = freePort()
@@ -209,6 +216,16 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
             baselines[key][floor] = result
             line += (f"; {floor} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
                      f" p99 {result['p99']:.2f} ms ({result['p99'] / baselines[key]['p99']:.1f}x), CPU {result['cpu_ms']:.2f} ms/req")
+        if withPeers:
+            baselines[key]["peers"] = {}
+            for name, workers in PEERS.items():
+                peerData = Path(tempfile.mkdtemp(prefix="peer-", dir=work))
+                port = freePort()
+                result = measure([sys.executable, "-m", "bench.peer", str(port), str(peerData), workers], port,
+                                 concurrency, seconds, body, 0, HERE.parent)
+                baselines[key]["peers"][name] = result
+                line += (f"; {name} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
+                         f" p99 {result['p99']:.2f} ms, CPU {result['cpu_ms']:.2f} ms/req")
         print(line, flush=True)
     result = server(work, concurrency, body, stashes, failing, seconds)
     base = baselines[key]
@@ -302,6 +319,24 @@ def baselineTable(baselines: dict[tuple[int, int], dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def peersTable(results: list[dict[str, Any]], baselines: dict[tuple[int, int], dict[str, Any]]) -> str:
+    """
+    api-container beside the Klein app and the peers, at each concurrency
+    and body size the peers were measured at: every figure of the same run.
+    """
+    rows = ["| c | body | system | req/s | x Klein app | p99 ms | p99 x Klein app | CPU ms/req |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (c, body), base in baselines.items():
+        if "peers" not in base:
+            continue
+        ours = next(r for r in results if (r["concurrency"], r["body"], r["stashes"], r["failing"]) == (c, body, 2, "0%"))
+        systems = [("Klein app that stores nothing", base), ("api-container", ours), *base["peers"].items()]
+        for name, r in systems:
+            rows.append(f"| {c} | {body // 1024} KiB | {name} | {r['rps']:.0f} | {r['rps'] / base['rps']:.2f} |"
+                        f" {r['p99']:.2f} | {r['p99'] / base['p99']:.1f} | {r['cpu_ms']:.2f} |")
+    return "\n".join(rows)
+
+
 def headlineSummary(results: list[dict[str, Any]]) -> str:
     """
     The headline case's runs against the earlier targets: at least
@@ -327,9 +362,13 @@ def main() -> None:
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="instead: a sustained run, RSS over time")
     parser.add_argument("--headline", type=int, metavar="N",
                         help="instead: the c=32, 1 KiB, 2-stash case N times, each against a baseline of its own")
+    parser.add_argument("--no-peers", action="store_true", help="leave out the FastAPI peer")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
+    peers = not args.no_peers and not args.headline
+    if peers and not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        raise SystemExit("bench: the peer needs FastAPI and uvicorn (pip install -e '.[bench]'), or --no-peers")
     if args.soak:
         soak(args.soak)
         return
@@ -340,7 +379,8 @@ def main() -> None:
         for c, body, stashes, failing in cases(args.quick, args.headline):
             if args.headline:
                 baselines.clear()  # each run against a baseline measured just before it
-            result = case(Path(work), c, body, stashes, failing, seconds, baselines)
+            first = (c, body, stashes, failing) == cases(args.quick)[0]
+            result = case(Path(work), c, body, stashes, failing, seconds, baselines, withPeers=peers and first)
             results.append(result)
             print(f"c={c} body={body} stashes={stashes} failing={result['failing']}: {result['rps']:.0f} req/s"
                   f" ({result['rps_ratio']:.2f}x baseline), p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms"
@@ -352,6 +392,9 @@ def main() -> None:
         print(headlineSummary(results))
     else:
         print(baselineTable(baselines))
+        if peers:
+            print()
+            print(peersTable(results, baselines))
     if args.json:
         args.json.write_text(json.dumps({"cases": results, "baselines": [
             {"concurrency": c, "body": b, **base} for (c, b), base in baselines.items()]}, indent=1))

@@ -29,8 +29,9 @@ def needWrk() -> None:
 
 def test_quickRun() -> None:
     """
-    `python -m bench.run --quick` starts the server, the baseline and both
-    floors, drives them with wrk, and prints a table row with ratios.
+    `python -m bench.run --quick` starts the server, the baseline, both
+    floors and the FastAPI peer, drives them with wrk, and prints their
+    rows with ratios.
     """
     needWrk()
     result = subprocess.run(
@@ -50,6 +51,18 @@ def test_quickRun() -> None:
     for rate, ratio, p99, p99Ratio, cpu in (floor[3:8], floor[8:13]):
         assert rate > 0 and p99 > 0 and cpu > 0
         assert ratio == pytest.approx(rate / floor[0], abs=0.01)
+    # The peers' table: the Klein app, api-container, then the FastAPI peer
+    # with one worker and with two, each with its ratio to the Klein app.
+    systems = {
+        cells[2]: [float(cell) for cell in cells[3:]]
+        for line in result.stdout.splitlines()
+        if line.startswith("| 16 | 1 KiB | ") and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 8
+    }
+    assert list(systems) == ["Klein app that stores nothing", "api-container", "FastAPI, 1 worker", "FastAPI, 2 workers"]
+    klein = systems["Klein app that stores nothing"][0]
+    for rate, ratio, p99, p99Ratio, cpu in systems.values():
+        assert rate > 0 and p99 > 0 and cpu > 0
+        assert ratio == pytest.approx(rate / klein, abs=0.01)
 
 
 def test_headlineSummary() -> None:
