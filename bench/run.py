@@ -1,7 +1,7 @@
 """
 Measure the server against the same-run baseline.
 
-    .venv/bin/python -m bench.run              # the whole matrix (about 11 minutes)
+    .venv/bin/python -m bench.run              # the whole matrix (about 12 minutes)
     .venv/bin/python -m bench.run --quick      # a smoke run (seconds)
     .venv/bin/python -m bench.run --headline 6 # the c=32 case six times (4 minutes)
 
