@@ -409,5 +409,6 @@ class FilesystemStash(LocalRoot):
         return self._blocking(self.readNow, key)
 
     def readNow(self, key: str) -> Document | None:
-        current = self._current(self._pointer(key))
-        return None if current is None else readVersion(self._pointer(key), *current)
+        pointer = self._pointer(key)
+        current = self._current(pointer)
+        return None if current is None else readVersion(pointer, *current)
