@@ -17,7 +17,8 @@ sockets, threads or real time::
             self.assertEqual(records.documents["/items/1"].body, b"{}")
 """
 
-from ..testing._contract import (
+from ._backends import FAILQUEUE_CONTRACT, SPOOL_CONTRACT, openSpool
+from ._contract import (
     CONTRACT,
     INTERLEAVING_KEYS,
     StashContractTests,
@@ -28,11 +29,13 @@ from ..testing._contract import (
     interleavings,
     randomInterleavings,
 )
-from ..testing._harness import ContainerHarness, HarnessResponse
-from ..testing._memory import MemoryStash
+from ._harness import ContainerHarness, HarnessResponse
+from ._memory import MemoryStash
 
 __all__ = [
     "CONTRACT",
+    "FAILQUEUE_CONTRACT",
+    "SPOOL_CONTRACT",
     "ContainerHarness",
     "HarnessResponse",
     "INTERLEAVING_KEYS",
@@ -43,5 +46,6 @@ __all__ = [
     "checkRefusalStoresNothing",
     "contractUOW",
     "interleavings",
+    "openSpool",
     "randomInterleavings",
 ]

@@ -12,8 +12,8 @@ from unittest import SkipTest
 from twisted.internet.defer import Deferred
 
 from ..interfaces import IPrunable, IReader, IStash
-from ..testing._memory import MemoryStash
 from ..uow import UnitOfWork
+from ._memory import MemoryStash
 
 
 def contractUOW(
