@@ -168,3 +168,27 @@ def test_compareSummary() -> None:
         "b against a: req/s higher in 1 of 2 rounds, median ratio 1.000 (0.900-1.100);"
         " p99 lower in 1 of 2; CPU per request lower in 1 of 2"
     )
+
+
+def test_countPerRequest() -> None:
+    """
+    `python -m bench.count` counts the reactor thread's work per request for
+    the server and for the Klein app: every count is there, and the server
+    does more of each kind than the app that stores nothing.
+    """
+    needWrk()
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.count", "--seconds", "1", "--concurrency", "8"],
+        cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {
+        cells[0]: [float(cell) for cell in cells[1:]]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| system") and not line.startswith("| ---")
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    assert list(rows) == ["api-container", "Klein app that stores nothing"], result.stdout
+    server, klein = rows["api-container"], rows["Klein app that stores nothing"]
+    assert len(server) == 6 and all(value > 0 for value in server)
+    assert server[0] > klein[0] and server[2] > klein[2]  # calls, Deferreds
