@@ -270,9 +270,11 @@ class IFailQueue(Interface):
     def markRetrying(uowId):
         """
         Take the entry of C{uowId} for an attempt now, whatever its schedule
-        or state, unless an attempt is already under way.
+        or state, unless an attempt is already under way. A backend shared
+        by several servers takes it for one of them only.
 
-        @return: The entry, marked as retrying, or L{None}.
+        @return: A Deferred that fires with the entry, marked as retrying, or
+            with L{None}.
         """
 
     def put(entry):
@@ -297,9 +299,12 @@ class IFailQueue(Interface):
 
     def takeDue():
         """
-        Take the entries whose next attempt is due on the queue's clock.
+        Take the entries whose next attempt is due on the queue's clock. A
+        backend shared by several servers gives each entry to one of them
+        only.
 
-        @return: The entries, oldest UOW first, each marked as retrying.
+        @return: A Deferred that fires with the entries, oldest UOW first,
+            each marked as retrying.
         """
 
     def drop(uowId):

@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..interfaces import IFailQueue, ISpool
 from ..storage import CorruptSpoolFile, FailedUOW
@@ -66,15 +67,26 @@ class RetryEngine:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
-    def tick(self) -> None:
+    def tick(self) -> Deferred[None]:
         """
         Start an attempt for every due entry, and re-drive every unsettled
         UOW whose backoff is over.
+
+        @return: A Deferred that fires once the attempts have started (not
+            finished).
         """
-        for entry in self._failQueue.takeDue():
-            self._attempt(entry)
+
+        def start(due: list[FailedUOW]) -> None:
+            for entry in due:
+                self._attempt(entry)
+
+        def failed(reason: Failure) -> None:
+            self.log.failure("could not take the due entries of the fail queue", reason)
+
+        started = self._failQueue.takeDue().addCallbacks(start, failed)
         for unsettled in self._fanout.takeUnsettled():
             Deferred.fromCoroutine(self._redrive(unsettled))
+        return started
 
     async def _redrive(self, unsettled: Unsettled) -> None:
         """
@@ -100,7 +112,7 @@ class RetryEngine:
             # Logged, and kept again, by the fanout.
             pass
 
-    def retryNow(self, uowId: int) -> Deferred[Report | None] | None:
+    async def retryNow(self, uowId: int) -> Deferred[Report | None] | None:
         """
         Start an attempt at C{uowId} now, whatever its schedule or state.
 
@@ -108,7 +120,7 @@ class RetryEngine:
             the spool file was unusable), or L{None} when the UOW is not in the
             fail queue or an attempt is already under way.
         """
-        entry = self._failQueue.markRetrying(uowId)
+        entry = await self._failQueue.markRetrying(uowId)
         if entry is None:
             return None
         return self._attempt(entry)

@@ -223,21 +223,23 @@ class FileFailQueue:
             if state is None or self._entries[uowId].state is state
         ]
 
-    def markRetrying(self, uowId: int) -> FailedUOW | None:
+    def markRetrying(self, uowId: int) -> Deferred[FailedUOW | None]:
         """
         Take the entry of C{uowId} for an attempt now, whatever its schedule
-        or state, unless an attempt is already under way.
+        or state, unless an attempt is already under way (in memory: one
+        server owns this queue).
 
-        @return: The entry, marked as retrying, or L{None}.
+        @return: A Deferred that fires with the entry, marked as retrying,
+            or with L{None}.
         """
         entry = self._entries.get(uowId)
         if entry is None or entry.state is Status.retrying:
-            return None
+            return succeed(None)
         entry = evolve(entry, state=Status.retrying)
         self._entries[uowId] = entry
-        return entry
+        return succeed(entry)
 
-    def takeDue(self) -> builtins.list[FailedUOW]:
+    def takeDue(self) -> Deferred[builtins.list[FailedUOW]]:
         now = self._clock.seconds()
         due = []
         for entry in self.list(Status.queued):
@@ -245,7 +247,7 @@ class FileFailQueue:
                 entry = evolve(entry, state=Status.retrying)
                 self._entries[entry.uow] = entry
                 due.append(entry)
-        return due
+        return succeed(due)
 
     def drop(self, uowId: int) -> Deferred[FailedUOW | None]:
         entry = self._entries.get(uowId)

@@ -155,11 +155,11 @@ async def checkScheduleAndTake(make: FailQueueMaker, clock: Clock) -> None:
     assert entry.nextAttemptAt is not None and entry.nextAttemptAt > clock.seconds()
     await queue.put(entry)
     assert queue.get(7) == entry and queue.list(Status.queued) == [entry] and queue.list(Status.parked) == []
-    assert queue.takeDue() == []
+    assert await queue.takeDue() == []
     clock.advance(entry.nextAttemptAt - clock.seconds())
-    [taken] = queue.takeDue()
+    [taken] = await queue.takeDue()
     assert (taken.uow, taken.state) == (7, Status.retrying)
-    assert queue.takeDue() == [] and queue.markRetrying(7) is None
+    assert await queue.takeDue() == [] and await queue.markRetrying(7) is None
     again = queue.failed(_failure(7), "/items/<id>")
     assert (again.attempts, again.firstFailedAt) == (2, entry.firstFailedAt)
 
@@ -180,7 +180,7 @@ async def checkParkAndStick(make: FailQueueMaker, clock: Clock) -> None:
         await queue.put(stuck)
     assert (stuck.state, stuck.rollbackFailed, stuck.compensate) == (Status.stuck, ("a",), True)
     clock.advance(10**9)
-    assert queue.takeDue() == []
+    assert await queue.takeDue() == []
     assert [e.uow for e in queue.list()] == [3, 4]
 
 
@@ -211,7 +211,7 @@ async def checkSurvivesRestartAndRetriesAgain(make: FailQueueMaker, clock: Clock
     underWay = queue.failed(_failure(2, key="/items/2"), "/items/<id>", ("a",))
     await queue.put(waiting)
     await queue.put(underWay)
-    taken = queue.markRetrying(2)
+    taken = await queue.markRetrying(2)
     assert taken is not None
     await queue.put(taken)
     again = make()

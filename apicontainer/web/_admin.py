@@ -232,7 +232,7 @@ class AdminAPI:
         if container.failQueue.get(uowId) is None:
             return errorResponse(request, 404, "not_failed", f"UOW {uowId} is not in the fail queue")
         assert container.retries is not None
-        attempt = container.retries.retryNow(uowId)
+        attempt = await container.retries.retryNow(uowId)
         if attempt is None:
             return errorResponse(request, 409, "retrying", f"UOW {uowId} is being retried already")
         self.log.warn("UOW {uow} retried by an operator", uow=uowId)

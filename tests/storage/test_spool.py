@@ -510,9 +510,9 @@ class FailQueueTests(SynchronousTestCase):
         """
         self.successResultOf(self.queue.put(self.queue.failed(self.report(2), "/r")))
         self.successResultOf(self.queue.put(self.queue.failed(self.report(1), "/r")))
-        self.assertEqual(self.queue.takeDue(), [])
+        self.assertEqual(self.successResultOf(self.queue.takeDue()), [])
         self.clock.advance(1)
-        self.assertEqual([e.uow for e in self.queue.takeDue()], [1, 2])
+        self.assertEqual([e.uow for e in self.successResultOf(self.queue.takeDue())], [1, 2])
         reopened = self.make()
         self.assertEqual([(e.uow, e.state) for e in reopened.list()], [(1, Status.queued), (2, Status.queued)])
         self.assertEqual(reopened.get(1).report, self.report(1))
