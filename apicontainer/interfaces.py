@@ -19,9 +19,11 @@ class IStash(Interface):
         still the current one; it never clobbers a later UOW's write.
       - A UOW never overwrites a newer UOW's write on the same key.
       - After C{commit} the mutation is permanent.
-      - A failed verdict with a 4xx status means nothing was stored: the
-        pipeline never calls C{rollback} after it (unless an earlier
-        attempt's rollback is still owed). An unknown outcome is a 5xx.
+      - A failed verdict with a 4xx status means nothing was stored by this
+        attempt: on a UOW's first attempt the pipeline does not call
+        C{rollback} after it; a later attempt (a retry, a re-drive after a
+        crash) calls it, since an earlier attempt may have stored. An
+        unknown outcome is a 5xx.
     """
 
     name = Attribute("The stash's name from the configuration (C{str}).")

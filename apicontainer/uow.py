@@ -254,11 +254,13 @@ class Verdict:
     @property
     def refused(self) -> bool:
         """
-        Whether the stash definitely stored nothing: a failure with a 4xx
-        status. Its rollback is never called, since it could only touch a
-        destination that refused the write (and might hold a newer value by
-        now). A 5xx, a timeout or a lost connection leaves the outcome
-        unknown, and is rolled back.
+        Whether the stash definitely stored nothing in this attempt: a
+        failure with a 4xx status. On a UOW's first attempt its rollback is
+        not called, since it could only touch a destination that refused the
+        write (and might hold a newer value by now); a later attempt rolls
+        it back all the same, for what an earlier attempt cut short by a
+        crash may have left there. A 5xx, a timeout or a lost connection
+        leaves the outcome unknown, and is rolled back.
         """
         return self.kind is VerdictKind.failed and self.status < 500
 

@@ -229,7 +229,7 @@ class Fanout:
             await self._commit(uow, names, routing)
             await self._finish(uow, Status.stored, report)
             return report
-        unfinished = await self._everywhere("rollback", uow, _toRollBack(report, names, entry), routing)
+        unfinished = await self._everywhere("rollback", uow, _toRollBack(uow, report, names, entry), routing)
         if unfinished or report.outcome is Status.queued:
             compensate = report.outcome is Status.rejected
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
@@ -403,15 +403,16 @@ class Fanout:
         )
 
 
-def _toRollBack(report: Report, names: Sequence[str], entry: FailedUOW | None) -> list[str]:
+def _toRollBack(uow: UnitOfWork, report: Report, names: Sequence[str], entry: FailedUOW | None) -> list[str]:
     """
-    The stashes to roll back after a failed attempt, last configured first:
-    every one but those that refused it (a 4xx: they stored nothing), unless
-    an earlier attempt's rollback failed there and is still owed.
+    The stashes to roll back after a failed attempt, last configured first.
+
+    On a UOW's first attempt, every one but those that refused it (a 4xx:
+    they stored nothing). On a later attempt, every one: a refusal says this
+    attempt stored nothing, but an earlier one may have stored there and
+    not been rolled back, if a crash cut it short (its fail queue entry
+    cannot say so) or its rollback failed.
     """
-    owed = set(entry.rollbackFailed) if entry is not None else set()
-    return [
-        name
-        for name in reversed(names)
-        if name in owed or name not in report.verdicts or not report.verdicts[name].refused
-    ]
+    if uow.isRetry:
+        return list(reversed(names))
+    return [name for name in reversed(names) if name not in report.verdicts or not report.verdicts[name].refused]

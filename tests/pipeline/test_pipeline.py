@@ -145,11 +145,12 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual(self.spooled(), [])
         self.assertEqual(h.container.failQueue.list(), [])
 
-    def test_refusingStashIsNeverRolledBack(self) -> None:
+    def test_refusingStashIsNotRolledBackOnAFirstAttempt(self) -> None:
         """
-        A stash that refused the UOW with a 4xx stored nothing: its rollback
-        is not called, so a destination that refuses every write (and its
-        rollbacks too) leaves a rejected UOW rejected, not queued.
+        A stash that refused the UOW's first attempt with a 4xx stored
+        nothing: its rollback is not called, so a destination that refuses
+        every write (and its rollbacks too) leaves a rejected UOW rejected,
+        not queued.
         """
         records, down = MemoryStash("records"), MemoryStash("down", failWith=400, failRollback=True)
         h = self.build(records, down)
@@ -179,6 +180,25 @@ class OutcomeTests(PipelineTestCase):
         self.assertEqual(a.calls[-2:], [("stash", 1), ("rollback", 1)])
         self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "rejected")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_laterAttemptRollsBackARefusingStash(self) -> None:
+        """
+        A retry that a stash refuses with a 4xx rolls that stash back all
+        the same: an earlier attempt, cut short by a crash after the stash
+        stored it, left a write there that nothing else would undo.
+        """
+        a, b = MemoryStash("a", failWith=503), MemoryStash("b")
+        h = self.build(a, b, retry=RetryPolicy(initial=1.0, factor=1.0))
+        self.assertEqual(h.request("PUT", "/items/1", b"x").code, 503)
+        a.failWith, a.hang = None, True
+        h.clock.advance(1.0)  # the retry: b stores, a hangs; then the crash
+        self.assertEqual(b.bodies(), {"/items/1": b"x"})
+        a.hang, b.failWith = False, 422
+        h = ContainerHarness(self.dataDir, [a, b], retry=RetryPolicy(initial=1.0, factor=1.0))
+        h.clock.advance(1.0)
+        self.assertEqual(h.admin("GET", "/_uow/1").json()["state"], "rejected")
+        self.assertEqual((a.bodies(), b.bodies()), ({}, {}))
+        self.assertEqual(b.calls[-2:], [("stash", 1), ("rollback", 1)])
 
     def test_firstClientErrorInConfigOrderWins(self) -> None:
         """
