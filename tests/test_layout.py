@@ -129,3 +129,44 @@ def test_childProcessesImportLittle() -> None:
         loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
         heavy = [name for name in loaded if name.split(".")[:2] in (["apicontainer", p] for p in LAYERS[1:] if p != "stashes")]
         assert heavy == [], module
+
+
+def _mapped() -> tuple[set[tuple[str | None, str]], set[str]]:
+    """
+    What CONTRIBUTING.md's layout map names: private modules with the
+    subpackage they are listed under, and every file name it gives.
+    """
+    import re
+
+    text = (PACKAGE.parent / "CONTRIBUTING.md").read_text()
+    block = text[text.index("```\napicontainer/") :]
+    block = block[: block.index("\n```", 4)]
+    package: str | None = None
+    private, names = set(), set()
+    for line in block.splitlines():
+        heading = re.match(r"  (\w+)/\s", line)
+        if heading:
+            package = heading.group(1) if heading.group(1) in LAYERS else None
+        for name in re.findall(r"\b(_\w+|\w+\.(?:py|html|yaml))\b", line):
+            names.add(name)
+            if name.startswith("_") and package is not None:
+                private.add((package, name))
+    return private, names
+
+
+def test_mapMatchesTheTree() -> None:
+    """
+    CONTRIBUTING.md's layout map names every module and data file of the
+    package, each private module under the subpackage that holds it.
+    """
+    private, names = _mapped()
+    tree = set()
+    for path in PACKAGE.rglob("*"):
+        if path.suffix in (".py", ".yaml", ".html") and path.name != "__init__.py":
+            parts = path.relative_to(PACKAGE).parts
+            tree.add((parts[0] if len(parts) == 2 else None, path.stem if path.suffix == ".py" else path.name))
+    unnamed = sorted(
+        f"{package or ''}/{name}" for package, name in tree if name not in names and f"{name}.py" not in names
+    )
+    assert unnamed == []
+    assert sorted(entry for entry in private if entry not in tree) == []
