@@ -201,6 +201,17 @@ def server(work: Path, concurrency: int, body: int, stashes: int, failing: bool,
                    body, 10 if failing else 0, data, env)
 
 
+def beside(work: Path, module: str, extra: list[str], concurrency: int, seconds: float, body: int) -> dict[str, Any]:
+    """
+    Measure a program the server is compared with (a floor, the peer): the
+    module run as C{python -m module PORT DIRECTORY *extra}, with a
+    directory of its own under C{work}.
+    """
+    data = Path(tempfile.mkdtemp(prefix=f"{module.rsplit('.', 1)[-1]}-", dir=work))
+    port = freePort()
+    return measure([sys.executable, "-m", module, str(port), str(data), *extra], port, concurrency, seconds, body, 0, HERE.parent)
+
+
 def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, seconds: float,
          baselines: dict[tuple[int, int], dict[str, Any]], withPeers: bool = False) -> dict[str, Any]:
     key = (concurrency, body)
@@ -210,19 +221,14 @@ def case(work: Path, concurrency: int, body: int, stashes: int, failing: bool, s
         line = (f"c={concurrency} body={body}: baseline {baselines[key]['rps']:.0f} req/s, p99 {baselines[key]['p99']:.2f} ms,"
                 f" CPU {baselines[key]['cpu_ms']:.2f} ms/req")
         for floor in FLOORS:
-            floorData = Path(tempfile.mkdtemp(prefix=f"{floor}-", dir=work))
-            port = freePort()
-            result = measure([sys.executable, "-m", f"bench.{floor}", str(port), str(floorData)], port, concurrency, seconds, body, 0, HERE.parent)
+            result = beside(work, f"bench.{floor}", [], concurrency, seconds, body)
             baselines[key][floor] = result
             line += (f"; {floor} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
                      f" p99 {result['p99']:.2f} ms ({result['p99'] / baselines[key]['p99']:.1f}x), CPU {result['cpu_ms']:.2f} ms/req")
         if withPeers:
             baselines[key]["peers"] = {}
             for name, workers in PEERS.items():
-                peerData = Path(tempfile.mkdtemp(prefix="peer-", dir=work))
-                port = freePort()
-                result = measure([sys.executable, "-m", "bench.peer", str(port), str(peerData), workers], port,
-                                 concurrency, seconds, body, 0, HERE.parent)
+                result = beside(work, "bench.peer", [workers], concurrency, seconds, body)
                 baselines[key]["peers"][name] = result
                 line += (f"; {name} {result['rps']:.0f} req/s ({result['rps'] / baselines[key]['rps']:.2f}x),"
                          f" p99 {result['p99']:.2f} ms, CPU {result['cpu_ms']:.2f} ms/req")
