@@ -372,12 +372,12 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
-    peers = not args.no_peers and not args.headline
-    if peers and not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
-        raise SystemExit("bench: the peer needs FastAPI and uvicorn (pip install -e '.[bench]'), or --no-peers")
     if args.soak:
         soak(args.soak)
         return
+    peers = not args.no_peers and not args.headline
+    if peers and not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        raise SystemExit("bench: the peer needs FastAPI and uvicorn (pip install -e '.[bench]'), or --no-peers")
     seconds = args.seconds or (2.0 if args.quick else 8.0)
     baselines: dict[tuple[int, int], dict[str, Any]] = {}
     results = []
