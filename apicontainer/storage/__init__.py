@@ -9,7 +9,15 @@ L{apicontainer.interfaces.ISpool} and L{apicontainer.interfaces.IFailQueue};
 the C{file} backends here are the default ones.
 """
 
-from ._backends import FAILQUEUE_BACKENDS, SPOOL_BACKENDS, SpoolBackend, fileFailQueue, fileSpool
+from ._backends import (
+    FAILQUEUE_BACKENDS,
+    SPOOL_BACKENDS,
+    SpoolBackend,
+    fileFailQueue,
+    fileSpool,
+    jetstreamFailQueue,
+    jetstreamSpool,
+)
 from ._childprocess import ChildRunner, answerBatch, becomeChild, readIn, serve
 from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, refusal, refused
 from ._durable import (
@@ -24,12 +32,23 @@ from ._durable import (
 )
 from ._failqueue import FailedUOW, FileFailQueue, RetryPolicy
 from ._groupcommit import GroupCommit, Operation, Result, each
+from ._jetstream import (
+    Duplicate,
+    JetStreamLink,
+    JetStreamSettings,
+    SpoolTooLarge,
+    SpoolUnavailable,
+    StreamMismatch,
+    aio,
+)
 from ._journal import InlineJournal, ProcessJournal
+from ._jsconsume import PartitionConsumers, Verdicts
+from ._jsstate import SharedFailQueue, SharedStates
 from ._spool import Spool, SpoolError, SpoolFull
 from ._spoolfile import CorruptSpoolFile
 from ._states import StateRecord, StateStore
 from ._transactions import immediate
-from ._uowids import UOWIds, numberingOf
+from ._uowids import UOWIds, nameNumbering, numberingOf
 
 __all__ = [
     "FAILQUEUE_BACKENDS",
@@ -37,6 +56,19 @@ __all__ = [
     "SpoolBackend",
     "fileFailQueue",
     "fileSpool",
+    "jetstreamFailQueue",
+    "jetstreamSpool",
+    "Duplicate",
+    "JetStreamLink",
+    "JetStreamSettings",
+    "PartitionConsumers",
+    "SharedFailQueue",
+    "SharedStates",
+    "SpoolTooLarge",
+    "SpoolUnavailable",
+    "StreamMismatch",
+    "Verdicts",
+    "aio",
     "Answer",
     "ChildRunner",
     "Command",
@@ -64,6 +96,7 @@ __all__ = [
     "fsyncDirectory",
     "immediate",
     "makeDirectories",
+    "nameNumbering",
     "numberingOf",
     "readIn",
     "refusal",

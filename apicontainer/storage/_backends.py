@@ -21,7 +21,9 @@ from twisted.internet.interfaces import IReactorTime
 from ..blocking import Blocking
 from ..interfaces import IFailQueue, IJournal, ISpool
 from ._failqueue import FileFailQueue, RetryPolicy
+from ._jetstream import JetStreamLink, JetStreamSettings, StreamIds, StreamJournal, StreamSpool
 from ._journal import InlineJournal, ProcessJournal
+from ._jsstate import SharedFailQueue, SharedStates
 from ._spool import Spool
 from ._states import StateStore
 from ._uowids import UOWIds
@@ -35,11 +37,15 @@ class SpoolBackend:
 
     spool: ISpool
     journal: IJournal
-    ids: UOWIds
-    states: StateStore
+    ids: Any
+    states: Any
+    # The cluster link of a shared backend, L{None} for a local one.
+    link: JetStreamLink | None = None
 
 
-def fileSpool(dataDir: Path, blocking: Blocking, serial: Blocking | None, processes: Any) -> SpoolBackend:
+def fileSpool(
+    dataDir: Path, blocking: Blocking, serial: Blocking | None, processes: Any, settings: Any = None
+) -> SpoolBackend:
     """
     The C{file} spool: a file per UOW in C{data_dir/spool}, written by the
     journal's child process when C{processes} (a reactor) can start one, else
@@ -66,6 +72,7 @@ def fileFailQueue(
     clock: IReactorTime,
     retry: RetryPolicy,
     uniform: Callable[[], float] = random.random,
+    spool: SpoolBackend | None = None,
 ) -> IFailQueue:
     """
     The C{file} fail queue: a JSON file per UOW in C{data_dir/failed}.
@@ -73,5 +80,37 @@ def fileFailQueue(
     return FileFailQueue(dataDir / "failed", blocking, clock, retry, uniform)
 
 
-SPOOL_BACKENDS: dict[str, Callable[..., SpoolBackend]] = {"file": fileSpool}
-FAILQUEUE_BACKENDS: dict[str, Callable[..., IFailQueue]] = {"file": fileFailQueue}
+def jetstreamSpool(
+    dataDir: Path, blocking: Blocking, serial: Blocking | None, processes: Any, settings: JetStreamSettings
+) -> SpoolBackend:
+    """
+    The C{jetstream} spool: UOWs in a replicated stream, final states and
+    idempotency records in key-value buckets, shared by every instance
+    (L{apicontainer.storage._jetstream}). It connects when the journal
+    starts.
+    """
+    link = JetStreamLink(settings)
+    spool = StreamSpool(link, dataDir)
+    states = SharedStates(link)
+    return SpoolBackend(spool, StreamJournal(link, spool, states), StreamIds(link), states, link)
+
+
+def jetstreamFailQueue(
+    dataDir: Path,
+    blocking: Blocking,
+    clock: IReactorTime,
+    retry: RetryPolicy,
+    uniform: Callable[[], float] = random.random,
+    spool: SpoolBackend | None = None,
+) -> IFailQueue:
+    """
+    The C{jetstream} fail queue: a bucket shared by every instance, on the
+    C{jetstream} spool's cluster.
+    """
+    if spool is None or spool.link is None:
+        raise ValueError("failqueue.backend: jetstream needs spool.backend: jetstream")
+    return SharedFailQueue(spool.link, clock, retry, uniform)
+
+
+SPOOL_BACKENDS: dict[str, Callable[..., SpoolBackend]] = {"file": fileSpool, "jetstream": jetstreamSpool}
+FAILQUEUE_BACKENDS: dict[str, Callable[..., IFailQueue]] = {"file": fileFailQueue, "jetstream": jetstreamFailQueue}

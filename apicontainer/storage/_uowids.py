@@ -37,6 +37,15 @@ def numberingOf(dataDir: Path) -> str | None:
         return None
 
 
+def nameNumbering(dataDir: Path, name: str) -> None:
+    """
+    Name C{dataDir}'s UOW numbering C{name} (blocking), as a shared spool
+    does: its UOW ids are the stream's.
+    """
+    if numberingOf(dataDir) != name:
+        writeAtomically(dataDir / NUMBERING, [name.encode("ascii") + b"\n"])
+
+
 class UOWIds:
     """
     Hands out ascending, contiguous UOW ids.
