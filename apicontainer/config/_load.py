@@ -94,6 +94,8 @@ class Config:
     adminTokensFile: Path | None = None
     openToNetwork: bool = False
     spoolBackend: str = "file"
+    # The cluster of the jetstream backends; None for the file backend.
+    jetstream: storage.JetStreamSettings | None = None
 
 
 def isLoopbackOnly(description: str) -> bool:
@@ -210,12 +212,19 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     )
     limitsSection.rejectUnknown()
 
+    idempotency = top.section("idempotency")
+    retention = idempotency.number("retention_s", 86400.0)
+    idempotency.rejectUnknown()
+
     spool = top.section("spool")
     spoolBackend = _backend(spool, "spool", SPOOL_BACKENDS)
+    jetstream = _jetstream(spool, retention) if spoolBackend == "jetstream" else None
     spool.rejectUnknown()
 
     failqueue = top.section("failqueue")
     backend = _backend(failqueue, "fail queue", FAILQUEUE_BACKENDS)
+    if backend == "jetstream" and jetstream is None:
+        raise failqueue.error("backend", "jetstream needs spool.backend: jetstream (the same cluster)")
     retrySection = failqueue.section("retry")
     retryDefaults = RetryPolicy()
     retry = RetryPolicy(
@@ -226,10 +235,6 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
     )
     retrySection.rejectUnknown()
     failqueue.rejectUnknown()
-
-    idempotency = top.section("idempotency")
-    retention = idempotency.number("retention_s", 86400.0)
-    idempotency.rejectUnknown()
 
     stashes = _stashes(top.section("stashes"), knownTypes)
     if not stashes:
@@ -251,6 +256,39 @@ def loadConfig(path: Path, knownTypes: frozenset[str] | None = None) -> Config:
         routes=routes,
         idempotencyRetention=retention,
         openToNetwork=openToNetwork,
+        jetstream=jetstream,
+    )
+
+
+_STREAM = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def _jetstream(spool: Section, retention: float) -> storage.JetStreamSettings:
+    """
+    The C{spool} keys of the C{jetstream} backend.
+    """
+    servers = spool.strings("servers")
+    if not servers:
+        raise spool.error("servers", "name at least one NATS server, as nats://host:4222")
+    for server in servers:
+        if not re.match(r"^(nats|tls)://[^/\s]+$", server):
+            raise spool.error("servers", f"{server!r} is not a NATS URL such as nats://host:4222")
+    stream = spool.string("stream", "APICONTAINER")
+    if not _STREAM.match(stream):
+        raise spool.error("stream", f"{stream!r}: a stream name is 1 to 32 letters, digits, '_' and '-'")
+    partitions = spool.integer("partitions", 64, minimum=1)
+    if partitions > 1024:
+        raise spool.error("partitions", f"{partitions} is more than 1024")
+    replicas = spool.integer("replicas", 3, minimum=1)
+    if replicas > 5:
+        raise spool.error("replicas", f"{replicas}: JetStream keeps at most 5 replicas")
+    return storage.JetStreamSettings(
+        servers=tuple(servers),
+        stream=stream,
+        partitions=partitions,
+        replicas=replicas,
+        ackWait=spool.number("ack_wait_s", 10.0, minimum=1.0),
+        retention=retention,
     )
 
 

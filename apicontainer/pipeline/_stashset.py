@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..config import Config, ConfigError, StashSpec, stashFactory
-from ..interfaces import IReader, IStartable, IStash
+from ..interfaces import ILocalStorage, IReader, IStartable, IStash
 from ..stashes import StashContext
 
 T = TypeVar("T")
@@ -32,8 +32,9 @@ def buildStashes(
 
     @param reuse: Gives a stash already running for a name and spec, if it
         can serve as it is (a reload).
-    @raise ConfigError: A stash's options are wrong, or a read component
-        cannot read.
+    @raise ConfigError: A stash's options are wrong, a read component
+        cannot read, or a stash keeps its data on this machine beside a
+        shared spool.
     """
     stashes: dict[str, IStash] = {}
     for name, spec in config.stashes.items():
@@ -46,6 +47,13 @@ def buildStashes(
             spec.options.rejectUnknown()
         if not IStash.providedBy(stash):
             raise ConfigError(f"stash type {spec.type!r} built {stash!r}, which is not an IStash")
+        if config.jetstream is not None and ILocalStorage.providedBy(stash):
+            raise ConfigError(
+                f"{config.source}: stashes.{name}: a {spec.type} stash keeps its data on this machine's"
+                " disk, and with spool.backend: jetstream any instance may apply any UOW, so the"
+                " instances' copies would diverge; use a store every instance reaches (postgres,"
+                " redis, http)"
+            )
         stashes[name] = stash
     for route in config.routes:
         for name in route.read:

@@ -5,6 +5,7 @@ C{twist apicontainer}: the server's command line and service.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -67,6 +68,26 @@ def limitMallocArenas(arenas: int = 2) -> bool:
     return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
+def sharedSpoolProblem(config: Any, reactor: Any) -> str | None:
+    """
+    Why the server cannot run C{config}'s shared spool on C{reactor}: the
+    NATS client is asyncio, so the reactor must be Twisted's asyncio one,
+    and the client must be installed.
+    """
+    if config.jetstream is None:
+        return None
+    if importlib.util.find_spec("nats") is None:
+        return "spool.backend: jetstream needs the NATS client: pip install 'apicontainer[jetstream]'"
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    if not isinstance(reactor, AsyncioSelectorReactor):
+        return (
+            f"spool.backend: jetstream needs the asyncio reactor: run"
+            f" twist --reactor=asyncio apicontainer --config {config.source}"
+        )
+    return None
+
+
 def makeService(options: Options) -> IService:
     """
     Load and check the configuration, open the data directory and build the
@@ -81,6 +102,9 @@ def makeService(options: Options) -> IService:
     path = Path(options["config"]) if options["config"] else DEFAULT_CONFIG
     try:
         config = loadConfig(path)
+        problem = sharedSpoolProblem(config, reactor)
+        if problem:
+            _refuse(problem)
         tokens = BearerTokens.fromFile(config.tokensFile) if config.tokensFile else None
         adminTokens = (
             BearerTokens.fromFile(config.adminTokensFile) if config.adminTokensFile else tokens

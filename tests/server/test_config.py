@@ -162,13 +162,54 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual((explicit.spoolBackend, explicit.failqueueBackend), ("file", "file"))
         self.assertEqual(
             self.refused(GOOD + "spool: {backend: tape}\n"),
-            ":11: spool.backend: unknown spool backend 'tape' (known: file)",
+            ":11: spool.backend: unknown spool backend 'tape' (known: file, jetstream)",
         )
         self.assertEqual(
             self.refused(GOOD + "failqueue: {backend: tape}\n"),
-            ":11: failqueue.backend: unknown fail queue backend 'tape' (known: file)",
+            ":11: failqueue.backend: unknown fail queue backend 'tape' (known: file, jetstream)",
         )
         self.assertIn(":11: spool.backnd: unknown key", self.refused(GOOD + "spool: {backnd: file}\n"))
+        self.assertIn(":11: spool.servers: unknown key", self.refused(GOOD + "spool: {servers: [nats://a:4222]}\n"))
+
+    def test_jetstream(self) -> None:
+        """
+        The jetstream spool's keys, with their defaults; the jetstream fail
+        queue needs the jetstream spool; a stash that keeps its data on this
+        machine is refused beside it, naming the stash.
+        """
+        shared = GOOD.replace(
+            "stashes:\n  records: {type: sqlite, path: records.sqlite3}\n  files: {type: filesystem, root: files}",
+            "stashes:\n  records: {type: redis, url: 'redis://127.0.0.1:6379/0'}\n"
+            "  files: {type: http, url: 'http://127.0.0.1:9/'}",
+        )
+        spool = "spool:\n  backend: jetstream\n  servers: [nats://n1:4222, nats://n2:4222]\n"
+        config = loadConfig(self.write(shared + spool + "failqueue: {backend: jetstream}\n"))
+        settings = config.jetstream
+        assert settings is not None
+        self.assertEqual(
+            (settings.servers, settings.stream, settings.partitions, settings.replicas, settings.ackWait),
+            (("nats://n1:4222", "nats://n2:4222"), "APICONTAINER", 64, 3, 10.0),
+        )
+        self.assertEqual(settings.partitionOf("/items/1"), settings.partitionOf("/items/1"))
+        self.assertEqual(
+            len({settings.partitionOf(f"/items/{n}") for n in range(1000)}), 64, "keys spread on every partition"
+        )
+        tuned = loadConfig(
+            self.write(shared + spool + "  stream: ORDERS\n  partitions: 16\n  replicas: 1\n  ack_wait_s: 30\n")
+        ).jetstream
+        assert tuned is not None
+        self.assertEqual((tuned.stream, tuned.partitions, tuned.replicas, tuned.ackWait), ("ORDERS", 16, 1, 30.0))
+        self.assertEqual(
+            self.refused(shared + "failqueue: {backend: jetstream}\n"),
+            ":11: failqueue.backend: jetstream needs spool.backend: jetstream (the same cluster)",
+        )
+        self.assertIn("spool.servers: 'n1:4222' is not a NATS URL", self.refused(shared + "spool: {backend: jetstream, servers: ['n1:4222']}\n"))
+        self.assertIn("spool.servers: ", self.refused(shared + "spool: {backend: jetstream}\n"))
+        self.assertIn("spool.stream: 'a.b'", self.refused(shared + spool + "  stream: a.b\n"))
+        self.assertIn("spool.replicas: 7", self.refused(shared + spool + "  replicas: 7\n"))
+        local = self.refused(GOOD + spool, build=True)
+        self.assertIn(": stashes.records: a sqlite stash keeps its data on this machine's disk", local)
+        self.assertIn("use a store every instance reaches", local)
 
     def test_exposedWithoutTokens(self) -> None:
         """
