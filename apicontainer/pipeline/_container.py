@@ -19,7 +19,16 @@ from ..blocking import Blocking
 from ..config import Config, ConfigError, StashSpec
 from ..interfaces import ILocalStorage, IReader, IStartable, IStash
 from ..stashes import StashContext
-from ..storage import FAILQUEUE_BACKENDS, SPOOL_BACKENDS, CorruptSpoolFile, FailedUOW, StateRecord
+from ..storage import (
+    FAILQUEUE_BACKENDS,
+    SPOOL_BACKENDS,
+    CorruptSpoolFile,
+    FailedUOW,
+    PartitionConsumers,
+    StateRecord,
+    Verdicts,
+    nameNumbering,
+)
 from ..uow import Status, UnitOfWork
 from ._fanout import Fanout
 from ._frontqueue import Admission, FrontQueue
@@ -29,6 +38,7 @@ from ._metrics import Metrics
 from ._records import UOWRecords
 from ._recovery import recover
 from ._retry import RetryEngine
+from ._shared import SharedDelivery, SharedFront, SharedIdempotency, clusterStatus
 from ._stashset import buildStashes, shielded, startAll, stopAll
 from ._worker import Routing, StashWorker
 
@@ -88,13 +98,20 @@ class Container:
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
-        backend = SPOOL_BACKENDS[config.spoolBackend](dataDir, blocking, serial, processes)
+        backend = SPOOL_BACKENDS[config.spoolBackend](dataDir, blocking, serial, processes, config.jetstream)
         self.spool = backend.spool
         self.ids = backend.ids
         self.states = backend.states
         self.journal = backend.journal
-        self.failQueue = FAILQUEUE_BACKENDS[config.failqueueBackend](dataDir, blocking, clock, config.retry, uniform)
-        self.idempotency = IdempotencyIndex(self.states, self.failQueue)
+        # The cluster of a shared spool (jetstream), else None.
+        self.link = backend.link
+        self.failQueue = FAILQUEUE_BACKENDS[config.failqueueBackend](
+            dataDir, blocking, clock, config.retry, uniform, spool=backend
+        )
+        self.idempotency = (IdempotencyIndex if self.link is None else SharedIdempotency)(
+            self.states, self.failQueue
+        )
+        self.consumers: PartitionConsumers | None = None
         self.records = UOWRecords()
         self.metrics = Metrics()
         self.workers = {
@@ -108,7 +125,7 @@ class Container:
         self.readers: dict[str, list[IReader]] = {
             route.path: [IReader(stashes[name]) for name in route.read] for route in config.routes
         }
-        self.front: FrontQueue | None = None
+        self.front: FrontQueue | SharedFront | None = None
         self.fanout: Fanout | None = None
         self.retries: RetryEngine | None = None
         self.recovered = False
@@ -164,9 +181,14 @@ class Container:
             self.log.error("fail queue entry {path} is unreadable; left in place", path=str(path))
         self.states.open()
         self.metrics.watch(self)
-        self.front = FrontQueue(self.ids, self.journal, self.idempotency.hold)
+        if self.link is None:
+            self.front = FrontQueue(self.ids, self.journal, self.idempotency.hold)
+        else:
+            verdicts = Verdicts(self.link)
+            self.front = SharedFront(self.journal, self.ids, self.states, verdicts)
+            self.link.onConnected.insert(0, self._numberFromStream)
         self.fanout = Fanout(
-            self.front,
+            self.front,  # type: ignore[arg-type]
             self.workers,
             self.routes,
             self.spool,
@@ -182,11 +204,31 @@ class Container:
             self.clock,
             self.failQueue,
             self.fanout,
-            self.front,
+            self.front,  # type: ignore[arg-type]
             self.spool,
             interval=min(self.config.retry.initial, 1.0),
             metrics=self.metrics,
         )
+        if self.link is not None:
+            assert isinstance(self.front, SharedFront)
+            delivery = SharedDelivery(
+                self.fanout, self.front, self.states, self.failQueue, self.spool, self.front.verdicts, self.clock
+            )
+            self.consumers = PartitionConsumers(self.link, delivery)
+
+    def clusterStatus(self) -> dict[str, Any] | None:
+        """
+        The link to a shared spool's cluster (for C{/_health}), or L{None}.
+        """
+        return None if self.link is None else clusterStatus(self.link, self.consumers)
+
+    async def _numberFromStream(self) -> None:
+        """
+        Name this data directory's UOW numbering after the stream, whose
+        sequence numbers the UOWs (stores refuse UOWs of another numbering).
+        """
+        assert self.link is not None
+        nameNumbering(Path(self.config.dataDir), self.link.numbering)
 
     async def start(self) -> None:
         """
@@ -214,10 +256,12 @@ class Container:
             worker.start()
         self.fanout.start()
         counts = await recover(
-            self.spool, self.states, self.failQueue, self.fanout, self.front, self.idempotency
+            self.spool, self.states, self.failQueue, self.fanout, self.front, self.idempotency  # type: ignore[arg-type]
         )
         for what, count in counts.items():
             self.metrics.recovered.labels(what).inc(count)
+        if self.consumers is not None:
+            self.consumers.start()
         self.recovered = True
         self.retries.start()
         self.housekeeping.start()
@@ -325,6 +369,8 @@ class Container:
         assert self.fanout is not None
         if self.retries is not None:
             self.retries.stop()
+        if self.consumers is not None:
+            self.consumers.pause()
         active = list(self.fanout.active)
         if not active:
             return 0
@@ -344,6 +390,8 @@ class Container:
         self.housekeeping.stop()
         if self.retries is not None:
             self.retries.stop()
+        if self.consumers is not None:
+            await self.consumers.stop()
         if self.fanout is not None:
             self.fanout.stop()
         for worker in self.workers.values():

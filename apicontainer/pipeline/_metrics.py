@@ -68,6 +68,14 @@ class Metrics:
         Add the gauges read from C{container} at each scrape.
         """
         self.registry.register(_ContainerGauges(container))
+        if container.link is not None:
+            publish = Histogram(
+                "apicontainer_publish_seconds",
+                "How long the stream took to acknowledge a UOW (replicated to a quorum).",
+                buckets=LATENCY_BUCKETS,
+                registry=self.registry,
+            )
+            container.link.publishLatency = publish.observe
         self.inFlight = Gauge("apicontainer_in_flight", "UOWs spooled and not yet settled.", registry=self.registry)
         self.inFlight.set_function(lambda: container.records.inFlight)
         self.unsettled = Gauge(
@@ -104,3 +112,18 @@ class _ContainerGauges(Collector):
             pass
         yield GaugeMetricFamily("apicontainer_spool_files", "Spool files: UOWs not yet final.", value=files)
         yield GaugeMetricFamily("apicontainer_spool_bytes", "Bytes in spool files.", value=total)
+        cluster = self._container.clusterStatus()
+        if cluster is not None:
+            yield GaugeMetricFamily(
+                "apicontainer_cluster_connected", "1 while the JetStream link is up.", value=int(cluster["connected"])
+            )
+            yield GaugeMetricFamily(
+                "apicontainer_partitions_consumed",
+                "Partitions this instance is bound to.",
+                value=cluster["partitions_consumed"],
+            )
+            yield GaugeMetricFamily(
+                "apicontainer_redeliveries",
+                "UOWs delivered to this instance more than once (another died, or one was put back).",
+                value=cluster["redeliveries"],
+            )

@@ -112,6 +112,11 @@ class ContainerService(Service):
 
     async def _start(self) -> None:
         config = self._container.config
+        if config.jetstream is not None and config.jetstream.replicas == 1:
+            self.log.warn(
+                "spool.replicas: 1 keeps one copy of every UOW: losing that NATS server loses"
+                " acknowledged writes; use 3 outside development"
+            )
         try:
             await self._container.start()
             self.ingress = Ingress(self._container, self._reactor, self._tokens)

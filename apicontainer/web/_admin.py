@@ -87,6 +87,9 @@ class AdminAPI:
             )
         if not self._container.recovered:
             alarms.append("recovery has not finished")
+        cluster = self._container.clusterStatus()
+        if cluster is not None and not cluster["connected"]:
+            alarms.append("JetStream is unreachable: writes are refused with 503 until it is back")
         for name, problem in self._container.startFailures.items():
             alarms.append(f"stash {name} failed to start: {problem}")
         return self._unauthorized(request) or jsonResponse(
@@ -98,6 +101,7 @@ class AdminAPI:
                 "in_flight": self._container.records.inFlight,
                 "unsettled": unsettled,
                 "failed": counts,
+                **({"cluster": cluster} if cluster is not None else {}),
             },
         )
 
@@ -112,6 +116,8 @@ class AdminAPI:
             return refusal
         container = self._container
         reasons = [] if container.recovered else ["recovery has not finished"]
+        if container.link is not None and not container.link.connected:
+            reasons.append(f"JetStream is unreachable at {', '.join(container.link.settings.servers)}")
         names, probes = [], []
         for name, stash in container.stashes.items():
             if IProbe.providedBy(stash):

@@ -20,7 +20,7 @@ from werkzeug.routing import Map, Rule
 
 from ..config import Limits
 from ..pipeline import Admission, BadIdempotencyKey, Container, Deadlines, KeyConflict, validateKey
-from ..storage import SpoolError, SpoolFull
+from ..storage import SpoolError, SpoolFull, SpoolTooLarge, SpoolUnavailable
 from ..uow import MUTATING_METHODS, Report, SpooledBody, Status, UnitOfWork
 from ._auth import BearerTokens
 from ._keys import BadKey, keyFromPath
@@ -180,6 +180,8 @@ class Ingress:
                     )
                 except KeyConflict as e:
                     return errorResponse(request, e.status, "idempotency_key", str(e))
+                except SpoolUnavailable as e:
+                    return errorResponse(request, 503, "spool_unavailable", str(e), retry_after="2")
                 if replay is not None:
                     return self._answer(request, replay.report, replay.location, replayed=True)
             # After the key's own answer, which writes nothing: a resend on
@@ -228,7 +230,7 @@ class Ingress:
         if idempotencyKey is not None:
 
             def abandon(failure: Failure) -> Failure:
-                failure.trap(SpoolError)
+                failure.trap(SpoolError, KeyConflict)
                 self._container.idempotency.abandon(idempotencyKey)
                 return failure
 
@@ -237,9 +239,15 @@ class Ingress:
         admitting.chainDeferred(shield)
         try:
             admission = await shield
+        except KeyConflict as e:
+            return errorResponse(request, e.status, "idempotency_key", str(e))
         except SpoolError as e:
             if isinstance(e, SpoolFull):
                 return errorResponse(request, 503, "disk_full", str(e), retry_after="5")
+            if isinstance(e, SpoolUnavailable):
+                return errorResponse(request, 503, "spool_unavailable", str(e), retry_after="2")
+            if isinstance(e, SpoolTooLarge):
+                return errorResponse(request, 413, "too_large", str(e))
             self.log.error("spool write failed: {error}", error=str(e))
             return errorResponse(request, 500, "spool_failed", str(e))
         uowId = admission.uow.id
