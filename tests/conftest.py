@@ -59,8 +59,13 @@ class RunningServer:
     A `twist apicontainer` subprocess with its ports and data directory.
     """
 
-    def __init__(self, directory: Path, config: str) -> None:
+    def __init__(self, directory: Path, config: str, reactor: str | None = None) -> None:
+        """
+        @param reactor: The reactor to ask twist for (C{asyncio} for the
+            jetstream backends), else twist's default.
+        """
         self.directory = directory
+        self.reactor = reactor
         self.port = freePort()
         self.adminPort = freePort()
         self.dataDir = directory / "var"
@@ -83,7 +88,7 @@ class RunningServer:
         """
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [*TWIST, "apicontainer", "--config", str(self.configPath)],
+                [*TWIST, *([f"--reactor={self.reactor}"] if self.reactor else []), "apicontainer", "--config", str(self.configPath)],
                 cwd=self.directory,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -171,3 +176,21 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
         yield running
     finally:
         running.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def natsCluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """
+    A 3-node JetStream cluster on loopback (C{sync_interval: always}),
+    shared by the tests of a run: each uses a stream of its own.
+    """
+    from apicontainer.testing import NATSCluster
+    from tests.services import requireJetStream
+
+    requireJetStream()
+    cluster = NATSCluster(tmp_path_factory.mktemp("nats"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

