@@ -185,7 +185,7 @@ class Container:
             self.front = FrontQueue(self.ids, self.journal, self.idempotency.hold)
         else:
             verdicts = Verdicts(self.link)
-            self.front = SharedFront(self.journal, self.ids, self.states, verdicts)
+            self.front = SharedFront(self.journal, self.ids, self.states, self.failQueue, verdicts, self.clock)
             self.link.onConnected.insert(0, self._numberFromStream)
         self.fanout = Fanout(
             self.front,  # type: ignore[arg-type]

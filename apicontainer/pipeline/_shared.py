@@ -12,10 +12,19 @@ from typing import Any, cast
 from attrs import evolve
 from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..interfaces import IFailQueue
-from ..storage import Duplicate, JetStreamLink, PartitionConsumers, SharedStates, SpoolUnavailable, Verdicts
+from ..storage import (
+    Duplicate,
+    JetStreamLink,
+    PartitionConsumers,
+    SharedFailQueue,
+    SharedStates,
+    SpoolUnavailable,
+    Verdicts,
+)
 from ..uow import Report, UnitOfWork
 from ._fanout import Fanout
 from ._frontqueue import Admission
@@ -38,11 +47,15 @@ class SharedFront:
 
     log = Logger()
 
-    def __init__(self, journal: Any, ids: Any, states: SharedStates, verdicts: Verdicts) -> None:
+    def __init__(
+        self, journal: Any, ids: Any, states: SharedStates, failQueue: IFailQueue, verdicts: Verdicts, clock: IReactorTime
+    ) -> None:
         self.queue: DeferredQueue[Admission] = DeferredQueue()
         self._journal = journal
         self._ids = ids
         self._states = states
+        self._failQueue = failQueue
+        self._clock = clock
         self.verdicts = verdicts
 
     async def admit(self, request: UnitOfWork) -> Admission:
@@ -73,23 +86,34 @@ class SharedFront:
         return Admission(uow, Deferred.fromCoroutine(self._outcome(uow.id, first)))
 
     async def _outcome(self, uowId: int, first: bool) -> Report:
-        waiting = self.verdicts.wait(uowId)
         if not first:
-            try:
-                record = await self._states.get(uowId)
-            except CancelledError:
-                waiting.cancel()
-                raise
-            except Exception:
-                record = None  # its verdict, or the request's timeout, answers
-            if record is not None and record.report is not None:
-                waiting.cancel()
-                return Report.fromJSON(record.report)
+            return await self._settled(uowId)
+        waiting = self.verdicts.wait(uowId)
         try:
             return _report(await waiting)
         finally:
             if not waiting.called:
                 waiting.cancel()
+
+    async def _settled(self, uowId: int, every: float = 0.25) -> Report:
+        """
+        The report of a UOW another instance took the request of: its final
+        state or fail queue entry, looked for until there is one (or the
+        request's timeout cancels this).
+        """
+        while True:
+            try:
+                record = await self._states.get(uowId)
+            except CancelledError:
+                raise
+            except Exception:
+                record = None
+            if record is not None and record.report is not None:
+                return Report.fromJSON(record.report)
+            entry = self._failQueue.get(uowId)
+            if entry is not None:
+                return entry.report
+            await deferLater(self._clock, every, lambda: None)
 
     async def newAttempt(self, uow: UnitOfWork) -> UnitOfWork:
         """
@@ -125,21 +149,28 @@ class SharedDelivery:
         self._verdicts = verdicts
         self._clock = clock
 
-    def __call__(self, uow: UnitOfWork, delivered: int) -> Deferred[float | None]:
-        return Deferred.fromCoroutine(self._handle(uow, delivered))
+    def __call__(self, uow: UnitOfWork, delivered: int, replyTo: str | None) -> Deferred[float | None]:
+        return Deferred.fromCoroutine(self._handle(uow, delivered, replyTo))
 
-    async def _handle(self, uow: UnitOfWork, delivered: int) -> float | None:
+    async def _handle(self, uow: UnitOfWork, delivered: int, replyTo: str | None) -> float | None:
         try:
+            failed = self._failQueue.get(uow.id)
+            if failed is None and delivered > 1 and isinstance(self._failQueue, SharedFailQueue):
+                failed = await self._failQueue.fresh(uow.id)
+            if failed is not None:
+                return None  # an earlier delivery failed it: the fail queue has it
+            # Final already: its instance died between recording that and
+            # acknowledging, or the consumer's place was lost with every
+            # replica at once.
+            record = await self._states.get(uow.id)
+            if record is not None:
+                await self._states.completed(record)
+                await self._spool.delete(uow.id)
+                if record.report is not None:
+                    self._announce(uow.id, record.report, replyTo)
+                return None
             if delivered > 1:
                 # Another instance (or this one, before a restart) had it.
-                record = await self._states.get(uow.id)
-                if record is not None:
-                    await self._spool.delete(uow.id)
-                    if record.report is not None:
-                        self._announce(uow.id, record.report)
-                    return None
-                if self._failQueue.get(uow.id) is not None:
-                    return None
                 uow = await self._front.newAttempt(uow)
             report = await self._fanout.submit(uow)
         except Exception as e:
@@ -153,11 +184,12 @@ class SharedDelivery:
         if unsettled is not None:
             # Delivered again, to this instance or another, after the delay.
             return max(0.0, unsettled.dueAt - self._clock.seconds()) if unsettled.dueAt else 1.0
-        self._announce(uow.id, report.asRecord())
+        self._announce(uow.id, report.asRecord(), replyTo)
         return None
 
-    def _announce(self, uowId: int, report: dict[str, Any]) -> None:
-        self._verdicts.announce(uowId, json.dumps(report).encode("utf-8"))
+    def _announce(self, uowId: int, report: dict[str, Any], replyTo: str | None) -> None:
+        if replyTo is not None:
+            self._verdicts.announce(uowId, json.dumps(report).encode("utf-8"), replyTo)
 
 
 class SharedIdempotency(IdempotencyIndex):

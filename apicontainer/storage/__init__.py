@@ -33,7 +33,6 @@ from ._durable import (
 from ._failqueue import FailedUOW, FileFailQueue, RetryPolicy
 from ._groupcommit import GroupCommit, Operation, Result, each
 from ._jetstream import (
-    Duplicate,
     JetStreamLink,
     JetStreamSettings,
     SpoolTooLarge,
@@ -43,6 +42,7 @@ from ._jetstream import (
 )
 from ._journal import InlineJournal, ProcessJournal
 from ._jsconsume import PartitionConsumers, Verdicts
+from ._jsspool import Duplicate
 from ._jsstate import SharedFailQueue, SharedStates
 from ._spool import Spool, SpoolError, SpoolFull
 from ._spoolfile import CorruptSpoolFile

@@ -21,7 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 from ..blocking import Blocking
 from ..interfaces import IFailQueue, IJournal, ISpool
 from ._failqueue import FileFailQueue, RetryPolicy
-from ._jetstream import JetStreamLink, JetStreamSettings, StreamIds, StreamJournal, StreamSpool
+from ._jetstream import JetStreamLink, JetStreamSettings
+from ._jsspool import StreamIds, StreamJournal, StreamSpool
 from ._journal import InlineJournal, ProcessJournal
 from ._jsstate import SharedFailQueue, SharedStates
 from ._spool import Spool

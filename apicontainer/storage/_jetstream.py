@@ -16,28 +16,26 @@ call here turns a coroutine into a Deferred (L{aio}).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 import zlib
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from attrs import evolve, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from ..interfaces import IJournal, ISpool
-from ..uow import UnitOfWork
-from ._durable import makeDirectories, writeFile
 from ._spool import SpoolError
-from ._spoolfile import decode, encode
 
 T = TypeVar("T")
 
 # Headers of a UOW's message.
 DEDUP = "Nats-Msg-Id"
 PAYLOAD_HASH = "Apicontainer-Payload-Hash"
+# Where the instance that took the request hears the UOW's report.
+REPLY = "Apicontainer-Reply"
 # JetStream's error codes for a sequence with no message (to read, to delete).
 NO_MESSAGE = (10037, 10057)
 
@@ -116,6 +114,8 @@ class JetStreamLink:
 
     @ivar connected: Whether the connection is up now.
     @ivar lastSequence: The highest stream sequence seen (a UOW id).
+    @ivar inbox: The subject on which this instance hears the reports of the
+        UOWs it published.
     """
 
     log = Logger()
@@ -130,6 +130,8 @@ class JetStreamLink:
         self.created = ""
         self.publishLatency: Callable[[float], None] = lambda seconds: None
         self.onConnected: list[Callable[[], Awaitable[None]]] = []
+        self.onReconnected: list[Callable[[], None]] = []
+        self.inbox = f"_apicontainer.{settings.stream}.verdict.{uuid.uuid4().hex}"
 
     @property
     def connected(self) -> bool:
@@ -154,6 +156,8 @@ class JetStreamLink:
 
         async def reconnected() -> None:
             self.log.info("JetStream: reconnected to {url}", url=str(self.nc.connected_url.netloc))
+            for hook in self.onReconnected:
+                hook()
 
         async def failed(e: Exception) -> None:
             self.log.debug("JetStream: {error}", error=str(e) or type(e).__name__)
@@ -254,6 +258,23 @@ class JetStreamLink:
         """
         return f"jetstream:{self.settings.stream}:{self.created}"
 
+    async def deleteMessage(self, sequence: int) -> None:
+        """
+        Delete the message C{sequence} from the stream, if it is there,
+        without overwriting its bytes (a secure erase cost more than the
+        rest of a UOW); they go when JetStream compacts its block.
+        """
+        from nats.js.errors import APIError
+
+        answer = await self.nc.request(
+            f"$JS.API.STREAM.MSG.DELETE.{self.settings.stream}",
+            json.dumps({"seq": sequence, "no_erase": True}).encode(),
+            timeout=self.settings.ackWait,
+        )
+        error = json.loads(answer.data).get("error")
+        if error is not None and error.get("err_code") not in NO_MESSAGE:
+            raise APIError.from_error(error)
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> Any:
         """
         Publish C{data} and wait for the stream's acknowledgement.
@@ -270,171 +291,3 @@ class JetStreamLink:
         self.publishLatency(time.perf_counter() - started)
         self.lastSequence = max(self.lastSequence, ack.seq)
         return ack
-
-
-@implementer(ISpool)
-class StreamSpool:
-    """
-    L{apicontainer.interfaces.ISpool} on the stream: a UOW's message is its
-    spool file.
-
-    @ivar directory: The data directory, which holds only what was
-        quarantined.
-    """
-
-    log = Logger()
-
-    def __init__(self, link: JetStreamLink, dataDir: Path) -> None:
-        self.link = link
-        self.directory = dataDir
-        self._quarantine = dataDir / "quarantine"
-
-    def open(self) -> None:
-        makeDirectories(self.directory)
-
-    def scan(self) -> Deferred[list[int]]:
-        # Nothing to scan: the partitions' consumers deliver again what no
-        # instance finished.
-        return succeed([])
-
-    def load(self, uowId: int) -> Deferred[UnitOfWork]:
-        return aio(self._load(uowId))
-
-    async def _load(self, uowId: int) -> UnitOfWork:
-        from nats.js.errors import APIError
-
-        try:
-            message = await self.link.js.get_msg(self.link.settings.stream, uowId)
-        except APIError as e:
-            if e.err_code not in NO_MESSAGE and e.code != 404:
-                raise
-            raise FileNotFoundError(f"UOW {uowId} is not in stream {self.link.settings.stream}")
-        return uowOf(message.data, uowId)
-
-    def delete(self, uowId: int) -> Deferred[None]:
-        return aio(self._delete(uowId))
-
-    async def _delete(self, uowId: int) -> None:
-        from nats.js.errors import APIError
-
-        try:
-            await self.link.js.delete_msg(self.link.settings.stream, uowId)
-        except APIError as e:
-            if e.err_code not in NO_MESSAGE:
-                raise
-
-    def quarantine(self, uowId: int) -> Deferred[None]:
-        return aio(self._quarantineMessage(uowId))
-
-    async def _quarantineMessage(self, uowId: int) -> None:
-        message = await self.link.js.get_msg(self.link.settings.stream, uowId)
-        makeDirectories(self._quarantine)
-        writeFile(self._quarantine / f"{uowId:020d}.uow", [message.data])
-        await self._delete(uowId)
-        self.log.error("UOW {uow}'s message is corrupt: moved to {path}", uow=uowId, path=str(self._quarantine))
-
-
-def uowOf(data: bytes, uowId: int) -> UnitOfWork:
-    """
-    The UOW of a message whose stream sequence is C{uowId}.
-
-    @raise CorruptSpoolFile: The message is not a UOW.
-    """
-    uow = decode(data)
-    return evolve(uow, id=uowId, attempt=uowId)
-
-
-@implementer(IJournal)
-class StreamJournal:
-    """
-    L{apicontainer.interfaces.IJournal} on the stream: a write is a publish,
-    which gives the UOW its id; a settlement records the final state in the
-    shared state buckets, then deletes the message.
-    """
-
-    def __init__(self, link: JetStreamLink, spool: StreamSpool, states: Any) -> None:
-        self.link = link
-        self._spool = spool
-        self._states = states
-
-    def start(self) -> Deferred[None]:
-        return aio(self.link.connect())
-
-    def stop(self) -> Deferred[None]:
-        return aio(self.link.close())
-
-    def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
-        return aio(self._write(uow))
-
-    async def _write(self, uow: UnitOfWork) -> UnitOfWork:
-        data = b"".join(encode(uow))
-        if len(data) + 512 > self.link.maxPayload:
-            raise SpoolTooLarge(self.link.maxPayload - 512 - (len(data) - uow.bodyLength))
-        headers = {}
-        if uow.idempotencyKey is not None:
-            headers[DEDUP] = uow.idempotencyKey
-            headers[PAYLOAD_HASH] = uow.payloadHash()
-        subject = self.link.settings.subject(self.link.settings.partitionOf(uow.key))
-        ack = await self.link.publish(subject, data, headers or None)
-        written = evolve(uow, id=ack.seq, attempt=ack.seq)
-        if ack.duplicate:
-            raise Duplicate(written)
-        return written
-
-    def settle(self, record: Any, removeSpool: bool) -> Deferred[Exception | None]:
-        return aio(self._settle(record, removeSpool))
-
-    async def _settle(self, record: Any, removeSpool: bool) -> Exception | None:
-        await self._states.put(record)
-        if removeSpool:
-            try:
-                await self._spool._delete(record.uow)
-            except Exception as e:
-                return e
-        return None
-
-
-class Duplicate(Exception):
-    """
-    The stream already holds a UOW with this C{Idempotency-Key} (within its
-    duplicate window): nothing new was spooled.
-
-    @ivar uow: The request under the first UOW's id.
-    """
-
-    def __init__(self, uow: UnitOfWork) -> None:
-        super().__init__(f"UOW {uow.id} has this Idempotency-Key")
-        self.uow = uow
-
-
-class StreamIds:
-    """
-    Attempt ids from the stream's sequence, so that every attempt id is
-    greater than every UOW id and attempt id before it, cluster-wide: a
-    retry's attempt is a message published and deleted at once.
-    """
-
-    def __init__(self, link: JetStreamLink) -> None:
-        self.link = link
-
-    def open(self) -> None:
-        pass
-
-    @property
-    def first(self) -> int:
-        """
-        Greater than every id given out so far, as this instance knows.
-        """
-        return self.link.lastSequence + 1
-
-    def allocate(self) -> Deferred[int]:
-        return aio(self._allocate())
-
-    async def _allocate(self) -> int:
-        s = self.link.settings
-        ack = await self.link.publish(f"{s.stream}.attempt", b"")
-        try:
-            await self.link.js.delete_msg(s.stream, ack.seq)
-        except Exception:
-            pass  # an empty message that no consumer reads; it does no harm
-        return int(ack.seq)

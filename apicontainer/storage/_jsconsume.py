@@ -18,12 +18,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ..uow import UnitOfWork
-from ._jetstream import JetStreamLink, aio, uowOf
+from ._jetstream import REPLY, JetStreamLink, aio
+from ._jsspool import uowOf
 from ._spoolfile import CorruptSpoolFile
 
-# What the pipeline makes of a delivered UOW: None to acknowledge it, or a
-# delay in seconds after which it is delivered again.
-Handler = Callable[[UnitOfWork, int], Deferred[float | None]]
+# What the pipeline makes of a delivered UOW (with how many times it was
+# delivered, and where its report goes): None to acknowledge it, or a delay
+# in seconds after which it is delivered again.
+Handler = Callable[[UnitOfWork, int, "str | None"], Deferred[float | None]]
 
 
 class PartitionConsumers:
@@ -50,6 +52,20 @@ class PartitionConsumers:
         self._running = True
         for partition in range(self.link.settings.partitions):
             self._tasks[partition] = asyncio.ensure_future(self._run(partition))
+        self.link.onReconnected.append(self._pullAgain)
+
+    def _pullAgain(self) -> None:
+        """
+        After a reconnection, pull again at once: a pull request sent
+        through a server that died would otherwise be waited on until it
+        expires.
+        """
+        if not self._running:
+            return
+        for partition, task in list(self._tasks.items()):
+            if partition not in self._busy:
+                task.cancel()
+                self._tasks[partition] = asyncio.ensure_future(self._run(partition))
 
     def pause(self) -> None:
         """
@@ -86,6 +102,12 @@ class PartitionConsumers:
             max_ack_pending=1,
             ack_wait=s.ackWait,
             max_deliver=-1,
+            # Where the consumer is (its acks), replicated in memory: an ack
+            # fsynced on every replica cost four times the rest of a UOW.
+            # Should every replica restart at once, the consumer starts from
+            # the stream's first message again, and the pipeline skips what
+            # is final or in the fail queue (it checks every delivery).
+            mem_storage=True,
         )
         return await self.link.js.pull_subscribe(s.subject(partition), durable=name, stream=s.stream, config=config)
 
@@ -134,13 +156,17 @@ class PartitionConsumers:
         beating = asyncio.ensure_future(self._keepLease(message))
         # Stopping this loop must not cut the UOW's settlement short.
         shield: Deferred[float | None] = Deferred()
-        self._handler(uow, delivered).chainDeferred(shield)
+        replyTo = (message.headers or {}).get(REPLY)
+        self._handler(uow, delivered, replyTo).chainDeferred(shield)
         try:
             again = await Deferred.asFuture(shield, asyncio.get_event_loop())
         finally:
             beating.cancel()
         if again is None:
-            await message.ack_sync()
+            # Not waiting for the server's word saves the partition a round
+            # trip; an ack that is lost only means a redelivery, which finds
+            # the UOW final and cleans up.
+            await message.ack()
         else:
             await message.nak(delay=again)
 
@@ -160,9 +186,9 @@ async def _gather(tasks: list[asyncio.Future[None]]) -> None:
 
 class Verdicts:
     """
-    Reports of settled UOWs, published by the instance that settled them
-    and heard by every instance (a subscription each), for the one whose
-    client waits.
+    Reports of settled UOWs, published by the instance that settled them to
+    the instance that took the request (its inbox, named in the UOW's
+    message), whose client waits.
     """
 
     def __init__(self, link: JetStreamLink, remember: int = 4096) -> None:
@@ -172,10 +198,6 @@ class Verdicts:
         self._remember = remember
         self._subscription: Any = None
         link.onConnected.append(self._subscribe)
-
-    @property
-    def subject(self) -> str:
-        return f"_apicontainer.{self.link.settings.stream}.verdict"
 
     async def _subscribe(self) -> None:
         async def heard(message: Any) -> None:
@@ -190,17 +212,18 @@ class Verdicts:
             for d in waiting:
                 d.callback(message.data)
 
-        self._subscription = await self.link.nc.subscribe(self.subject, cb=heard)
+        self._subscription = await self.link.nc.subscribe(self.link.inbox, cb=heard)
 
-    def announce(self, uowId: int, report: bytes) -> Deferred[None]:
+    def announce(self, uowId: int, report: bytes, to: str) -> Deferred[None]:
         """
-        Tell every instance that UOW C{uowId} settled with C{report}.
+        Tell the instance whose inbox is C{to} that UOW C{uowId} settled
+        with C{report}.
         """
-        return aio(self._announce(uowId, report))
+        return aio(self._announce(uowId, report, to))
 
-    async def _announce(self, uowId: int, report: bytes) -> None:
+    async def _announce(self, uowId: int, report: bytes, to: str) -> None:
         try:
-            await self.link.nc.publish(self.subject, report, headers={"uow": str(uowId)})
+            await self.link.nc.publish(to, report, headers={"uow": str(uowId)})
         except Exception:
             pass  # its client times out, and finds it under /_uow
 

@@ -6,6 +6,7 @@ of each key, idempotency records, and the fail queue.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import json
@@ -64,11 +65,22 @@ class SharedStates:
 
     async def put(self, record: StateRecord) -> None:
         """
-        Record C{record}: its final state, then, when it was stored, that it
-        is the last stored UOW of its key (never lowering it), then its
-        idempotency key's UOW.
+        Record C{record}: its final state and, at the same time, when it was
+        stored, that it is the last stored UOW of its key (never lowering
+        it), and its idempotency key's UOW. Should a crash leave the last
+        two undone, L{completed} does them when the UOW is delivered again.
         """
-        await self._bucket("states").put(f"u{record.uow}", _recordJSON(record))
+        await asyncio.gather(
+            self._bucket("states").put(f"u{record.uow}", _recordJSON(record)), self._index(record)
+        )
+
+    def completed(self, record: StateRecord) -> Deferred[None]:
+        """
+        Make sure what L{put} records besides the final state is there.
+        """
+        return aio(self._index(record))
+
+    async def _index(self, record: StateRecord) -> None:
         if record.state is Status.stored:
             await self._raiseLast(record.key, record.uow)
         if record.idempotencyKey is not None:
@@ -212,7 +224,6 @@ class SharedFailQueue:
         return []
 
     async def _watch(self) -> None:
-        import asyncio
 
         watcher = await self.link.buckets["failed"].watchall()
         loading = True
@@ -225,7 +236,6 @@ class SharedFailQueue:
         self._watching = asyncio.ensure_future(self._follow(watcher))
 
     async def _follow(self, watcher: Any) -> None:
-        import asyncio
 
         while True:
             try:
@@ -287,6 +297,26 @@ class SharedFailQueue:
     def get(self, uowId: int) -> FailedUOW | None:
         known = self._entries.get(uowId)
         return known[0] if known else None
+
+    def fresh(self, uowId: int) -> Deferred[FailedUOW | None]:
+        """
+        The entry of C{uowId} as the bucket has it now, not as the mirror
+        last heard (which another instance's write may not have reached).
+        """
+        return aio(self._fresh(uowId))
+
+    async def _fresh(self, uowId: int) -> FailedUOW | None:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            current = await self.link.buckets["failed"].get(f"u{uowId}")
+        except KeyNotFoundError:
+            return None
+        if not current.value:
+            return None
+        entry = FailedUOW.fromJSON(json.loads(current.value))
+        self._entries[uowId] = (entry, current.revision)
+        return entry
 
     def list(self, state: Status | None = None) -> builtins.list[FailedUOW]:
         return [
