@@ -174,34 +174,12 @@ class FileFailQueue:
         compensate: bool = False,
     ) -> FailedUOW:
         """
-        Build the entry for a UOW whose latest attempt failed.
-
-        The attempts are counted on from the UOW's previous entry. Below
-        C{maxAttempts}, the next attempt is scheduled by the retry policy,
-        with jitter; then a UOW is parked, or stuck when only its rollback
-        was being retried (C{compensate}).
+        Build the entry for a UOW whose latest attempt failed (see
+        L{nextEntry}).
         """
-        now = self._clock.seconds()
         previous = self._entries.get(report.uow)
-        attempts = (previous.attempts if previous else 0) + 1
-        if attempts < self.retry.maxAttempts:
-            state = Status.queued
-            due: float | None = now + self.retry.jittered(attempts, self._uniform())
-        else:
-            state, due = (Status.stuck if compensate else Status.parked), None
-        return FailedUOW(
-            uow=report.uow,
-            key=report.key,
-            route=route,
-            state=state,
-            attempts=attempts,
-            report=report,
-            firstFailedAt=previous.firstFailedAt if previous else now,
-            lastFailedAt=now,
-            nextAttemptAt=due,
-            rollbackFailed=rollbackFailed,
-            compensate=compensate,
-        )
+        now, uniform = self._clock.seconds(), self._uniform()
+        return nextEntry(previous, report, route, self.retry, now, uniform, rollbackFailed, compensate)
 
     def put(self, entry: FailedUOW) -> Deferred[None]:
         data = json.dumps(entry.asJSON(), indent=1).encode("utf-8")
@@ -262,3 +240,43 @@ class FileFailQueue:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def nextEntry(
+    previous: FailedUOW | None,
+    report: Report,
+    route: str,
+    retry: RetryPolicy,
+    now: float,
+    uniform: float,
+    rollbackFailed: tuple[str, ...] = (),
+    compensate: bool = False,
+) -> FailedUOW:
+    """
+    The fail queue entry of a UOW whose latest attempt failed, after its
+    C{previous} entry, if any.
+
+    The attempts are counted on from the previous entry. Below
+    C{maxAttempts}, the next attempt is scheduled by the retry policy, with
+    jitter (C{uniform} is in [0, 1)); then a UOW is parked, or stuck when
+    only its rollback was being retried (C{compensate}).
+    """
+    attempts = (previous.attempts if previous else 0) + 1
+    if attempts < retry.maxAttempts:
+        state = Status.queued
+        due: float | None = now + retry.jittered(attempts, uniform)
+    else:
+        state, due = (Status.stuck if compensate else Status.parked), None
+    return FailedUOW(
+        uow=report.uow,
+        key=report.key,
+        route=route,
+        state=state,
+        attempts=attempts,
+        report=report,
+        firstFailedAt=previous.firstFailedAt if previous else now,
+        lastFailedAt=now,
+        nextAttemptAt=due,
+        rollbackFailed=rollbackFailed,
+        compensate=compensate,
+    )

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from ..interfaces import IFailQueue
 from ..uow import Report, Status
-from ._failqueue import FailedUOW, RetryPolicy
+from ._failqueue import FailedUOW, RetryPolicy, nextEntry
 from ._jetstream import JetStreamLink, aio
 from ._states import StateRecord
 
@@ -264,28 +264,10 @@ class SharedFailQueue:
         rollbackFailed: tuple[str, ...] = (),
         compensate: bool = False,
     ) -> FailedUOW:
-        now = self._clock.seconds()
         known = self._entries.get(report.uow)
         previous = known[0] if known else None
-        attempts = (previous.attempts if previous else 0) + 1
-        if attempts < self.retry.maxAttempts:
-            state = Status.queued
-            due: float | None = now + self.retry.jittered(attempts, self._uniform())
-        else:
-            state, due = (Status.stuck if compensate else Status.parked), None
-        return FailedUOW(
-            uow=report.uow,
-            key=report.key,
-            route=route,
-            state=state,
-            attempts=attempts,
-            report=report,
-            firstFailedAt=previous.firstFailedAt if previous else now,
-            lastFailedAt=now,
-            nextAttemptAt=due,
-            rollbackFailed=rollbackFailed,
-            compensate=compensate,
-        )
+        now, uniform = self._clock.seconds(), self._uniform()
+        return nextEntry(previous, report, route, self.retry, now, uniform, rollbackFailed, compensate)
 
     def put(self, entry: FailedUOW) -> Deferred[None]:
         return aio(self._put(entry))
@@ -329,7 +311,10 @@ class SharedFailQueue:
         return entry.nextAttemptAt is not None and entry.nextAttemptAt <= now
 
     def markRetrying(self, uowId: int) -> Deferred[FailedUOW | None]:
-        return aio(self._take(uowId, lambda entry, now: entry.state is not Status.retrying or self._leaseOver(entry, now)))
+        def free(entry: FailedUOW, now: float) -> bool:
+            return entry.state is not Status.retrying or self._leaseOver(entry, now)
+
+        return aio(self._take(uowId, free))
 
     async def _take(self, uowId: int, takeable: Callable[[FailedUOW, float], bool]) -> FailedUOW | None:
         """
