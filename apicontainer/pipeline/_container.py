@@ -188,7 +188,7 @@ class Container:
             self.front = SharedFront(self.journal, self.ids, self.states, self.failQueue, verdicts, self.clock)
             self.link.onConnected.insert(0, self._numberFromStream)
         self.fanout = Fanout(
-            self.front,  # type: ignore[arg-type]
+            self.front,
             self.workers,
             self.routes,
             self.spool,
@@ -204,7 +204,7 @@ class Container:
             self.clock,
             self.failQueue,
             self.fanout,
-            self.front,  # type: ignore[arg-type]
+            self.front,
             self.spool,
             interval=min(self.config.retry.initial, 1.0),
             metrics=self.metrics,
@@ -256,7 +256,7 @@ class Container:
             worker.start()
         self.fanout.start()
         counts = await recover(
-            self.spool, self.states, self.failQueue, self.fanout, self.front, self.idempotency  # type: ignore[arg-type]
+            self.spool, self.states, self.failQueue, self.fanout, self.front, self.idempotency
         )
         for what, count in counts.items():
             self.metrics.recovered.labels(what).inc(count)

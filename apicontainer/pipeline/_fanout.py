@@ -17,7 +17,7 @@ from .._crashpoints import reach
 from ..interfaces import IFailQueue, IJournal, ISpool
 from ..storage import FailedUOW, StateRecord, StateStore
 from ..uow import Report, Status, UnitOfWork, Verdict
-from ._frontqueue import Admission, FrontQueue
+from ._frontqueue import Admission, Front
 from ._idempotency import IdempotencyIndex
 from ._metrics import Metrics
 from ._records import Unsettled, UOWRecords
@@ -62,7 +62,7 @@ class Fanout:
 
     def __init__(
         self,
-        front: FrontQueue,
+        front: Front,
         workers: Mapping[str, StashWorker],
         routes: Mapping[str, Sequence[str]],
         spool: ISpool,

@@ -4,7 +4,7 @@ The front queue: where a request becomes a numbered, spooled unit of work.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 from attrs import evolve, frozen
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -23,6 +23,18 @@ class Admission:
 
     uow: UnitOfWork
     done: Deferred[Report]
+
+
+class Front(Protocol):
+    """
+    What the fanout, the retry engine and recovery need of a front queue:
+    the queue of admissions, and fresh attempt ids. L{FrontQueue} on a local
+    spool; the shared spool's front publishes instead.
+    """
+
+    queue: DeferredQueue[Admission]
+
+    async def newAttempt(self, uow: UnitOfWork) -> UnitOfWork: ...
 
 
 class FrontQueue:

@@ -14,7 +14,7 @@ from ..interfaces import IFailQueue, ISpool
 from ..storage import CorruptSpoolFile, StateStore
 from ..uow import UnitOfWork
 from ._fanout import Fanout
-from ._frontqueue import FrontQueue
+from ._frontqueue import Front
 from ._idempotency import IdempotencyIndex
 
 log = Logger(namespace="apicontainer.pipeline.recovery")
@@ -25,7 +25,7 @@ async def recover(
     states: StateStore,
     failQueue: IFailQueue,
     fanout: Fanout,
-    front: FrontQueue,
+    front: Front,
     idempotency: IdempotencyIndex,
     window: int = 256,
 ) -> Counter[str]:
@@ -84,7 +84,7 @@ async def recover(
 
 
 async def _redrive(
-    uow: UnitOfWork, fanout: Fanout, front: FrontQueue, gate: DeferredSemaphore, counts: Counter[str]
+    uow: UnitOfWork, fanout: Fanout, front: Front, gate: DeferredSemaphore, counts: Counter[str]
 ) -> None:
     try:
         attempt = await front.newAttempt(uow)

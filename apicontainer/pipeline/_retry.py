@@ -14,7 +14,7 @@ from ..interfaces import IFailQueue, ISpool
 from ..storage import CorruptSpoolFile, FailedUOW
 from ..uow import Report, Status
 from ._fanout import Fanout
-from ._frontqueue import FrontQueue
+from ._frontqueue import Front
 from ._metrics import Metrics
 from ._records import Unsettled
 
@@ -38,7 +38,7 @@ class RetryEngine:
         clock: IReactorTime,
         failQueue: IFailQueue,
         fanout: Fanout,
-        front: FrontQueue,
+        front: Front,
         spool: ISpool,
         interval: float = 1.0,
         metrics: Metrics | None = None,

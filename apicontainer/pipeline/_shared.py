@@ -48,7 +48,13 @@ class SharedFront:
     log = Logger()
 
     def __init__(
-        self, journal: Any, ids: Any, states: SharedStates, failQueue: IFailQueue, verdicts: Verdicts, clock: IReactorTime
+        self,
+        journal: Any,
+        ids: Any,
+        states: SharedStates,
+        failQueue: IFailQueue,
+        verdicts: Verdicts,
+        clock: IReactorTime,
     ) -> None:
         self.queue: DeferredQueue[Admission] = DeferredQueue()
         self._journal = journal
@@ -177,7 +183,9 @@ class SharedDelivery:
             # Delivered again, by the stream, not re-driven here.
             self._fanout.unsettled.pop(uow.id, None)
             self.log.error(
-                "UOW {uow} could not be settled ({error}); it is delivered again", uow=uow.id, error=str(e) or type(e).__name__
+                "UOW {uow} could not be settled ({error}); it is delivered again",
+                uow=uow.id,
+                error=str(e) or type(e).__name__,
             )
             return self._failQueue.retry.delayAfter(1)
         unsettled = self._fanout.unsettled.pop(uow.id, None)
