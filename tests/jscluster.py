@@ -17,7 +17,6 @@ import argparse
 import http.client
 import json
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import RunningServer
-from tests.services import POSTGRES_DSN, REDIS
+from tests.services import POSTGRES_DSN, REDIS, dropStores
 
 CONFIG = """\
 listen: "tcp:{port}:interface=127.0.0.1"
@@ -94,15 +93,7 @@ class Deployment:
             instance.kill(signal.SIGTERM)
 
     def cleanUp(self) -> None:
-        import psycopg
-
-        with psycopg.connect(POSTGRES_DSN, autocommit=True) as db:
-            db.execute(f'DROP TABLE IF EXISTS "{self.table}", "{self.table}_undo", "{self.table}_numbering"')
-        if shutil.which("redis-cli"):
-            cli = ["redis-cli", "-h", REDIS[0], "-p", str(REDIS[1])]
-            keys = subprocess.run([*cli, "--scan", "--pattern", f"{self.prefix}*"], capture_output=True, text=True)
-            if keys.stdout.split():
-                subprocess.run([*cli, "del", *keys.stdout.split()], capture_output=True, check=True)
+        dropStores(self.table, self.prefix)
 
     # What the stores and the cluster hold.
 

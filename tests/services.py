@@ -174,3 +174,19 @@ def requireJetStream() -> None:
     if os.environ.get("APICONTAINER_REQUIRE_SERVICES") == "1":
         pytest.fail(problem + "; APICONTAINER_REQUIRE_SERVICES=1 requires it")
     pytest.skip(problem)
+
+
+def dropStores(table: str, prefix: str) -> None:
+    """
+    Remove a test's PostgreSQL table (with its undo and numbering tables)
+    and its Redis keys.
+    """
+    import psycopg
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as db:
+        db.execute(f'DROP TABLE IF EXISTS "{table}", "{table}_undo", "{table}_numbering"')
+    if shutil.which("redis-cli"):
+        cli = ["redis-cli", "-h", REDIS[0], "-p", str(REDIS[1])]
+        keys = subprocess.run([*cli, "--scan", "--pattern", f"{prefix}*"], capture_output=True, text=True)
+        if keys.stdout.split():
+            subprocess.run([*cli, "del", *keys.stdout.split()], capture_output=True, check=True)

@@ -6,17 +6,14 @@ stores, in one line each, and changes nothing there.
 
 from __future__ import annotations
 
-import shutil
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.conftest import RunningServer
-from tests.services import POSTGRES_DSN, REDIS, require
+from tests.services import POSTGRES_DSN, REDIS, dropStores, require
 
 pytestmark = pytest.mark.integration
 
@@ -61,10 +58,4 @@ def test_secondServerRefused(tmp_path: Path) -> None:
         assert first.request("PUT", "/items/1", b"again")[0] == 200
     finally:
         first.kill(signal.SIGTERM)
-        with psycopg.connect(POSTGRES_DSN, autocommit=True) as db:
-            db.execute(f'DROP TABLE IF EXISTS "{table}", "{table}_undo", "{table}_numbering"')
-        if shutil.which("redis-cli"):
-            cli = ["redis-cli", "-h", REDIS[0], "-p", str(REDIS[1])]
-            keys = subprocess.run([*cli, "--scan", "--pattern", f"{prefix}*"], capture_output=True, text=True)
-            if keys.stdout.split():
-                subprocess.run([*cli, "del", *keys.stdout.split()], capture_output=True, check=True)
+        dropStores(table, prefix)
