@@ -4,7 +4,7 @@ even when the network or the server fails mid-request.
 
 Each mutation carries a generated C{Idempotency-Key}. On a connection error,
 a timeout, a 503 with C{Retry-After} (busy, disk full), a 409 (the first
-copy still in flight), a 504 (still under way) or a 500 that names no UOW,
+copy still in flight), a 504 or 202 (still under way) or a 500 that names no UOW,
 the client waits (backoff with jitter, or C{Retry-After}) and sends the same
 request with the same key again: the server applies it once and answers every copy with the same
 result and UOW id::
@@ -179,7 +179,7 @@ class ContainerClient:
         body = answer.body if isinstance(answer.body, dict) else {}
         if "uow" in body and body.get("outcome") != "pending":
             return None
-        if answer.status in (409, 500, 504):
+        if answer.status in (202, 409, 500, 504):
             # The first copy is still in flight, under way, or was not
             # spooled for an internal error: the same key settles it.
             return 0.0

@@ -185,7 +185,7 @@ class Writer:
                     if status == 200:
                         self.acked[key] = version
                         break
-                    if status not in (0, 409, 503, 504):
+                    if status not in (0, 202, 409, 503):
                         self.unexpected.append(f"{key} v{version}: {status}")
                     time.sleep(0.1)
                 if stop.is_set():

@@ -120,3 +120,17 @@ class ClientTests(SynchronousTestCase):
         failure = self.failureResultOf(sending, DeliveryUncertain)
         self.assertEqual(failure.value.attempts, 8)
         self.assertEqual(failure.value.idempotencyKey, self.network.sent[0]["Idempotency-Key"])
+
+    def test_pendingIsSentAgain(self) -> None:
+        """
+        A pending answer, 504 from one server or 202 from an instance on the
+        shared spool, is not settled: the same key is sent again at once;
+        a queued 5xx with its UOW is settled.
+        """
+        from apicontainer.client import Answer
+
+        pending = {"uow": 7, "outcome": "pending", "message": "still under way"}
+        for status in (202, 504):
+            self.assertEqual(ContainerClient._retryAfter(Answer(status, {}, pending, "k", 1)), 0.0)
+        queued = {"uow": 7, "outcome": "queued", "stashes": {}}
+        self.assertIsNone(ContainerClient._retryAfter(Answer(503, {}, queued, "k", 1)))

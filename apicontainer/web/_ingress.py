@@ -257,9 +257,11 @@ class Ingress:
         try:
             report = await done
         except (defer.TimeoutError, error.TimeoutError):
+            # On a shared spool the UOW is in the replicated stream, and any
+            # instance finishes it: 202. The file spool keeps its 504.
             return jsonResponse(
                 request,
-                504,
+                202 if self._container.link is not None else 504,
                 {
                     "uow": uowId,
                     "outcome": "pending",

@@ -102,6 +102,7 @@ def _ingress(config: Config, secured: bool) -> dict[str, Any]:
             "responses": {
                 "200": _json({"$ref": "#/components/schemas/Report"}, "Stored in every stash of the route"),
                 **common,
+                "202": _json({"$ref": "#/components/schemas/Pending"}, "On the shared spool: still under way after limits.request_timeout_s", location),
                 "409": _json({"oneOf": [{"$ref": "#/components/schemas/Report"}, {"$ref": "#/components/schemas/Error"}]}, "A stash rejected it, or the first request with this Idempotency-Key is in flight"),
                 "410": _error("The request with this Idempotency-Key was dropped by an operator"),
                 "413": _error("The body exceeds limits.max_body_bytes"),

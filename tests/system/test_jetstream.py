@@ -180,3 +180,21 @@ def test_localStashRefused(tmp_path: Path) -> None:
         text=True,
     )
     assert checked.returncode == 78 and "stashes.records: a sqlite stash" in checked.stderr, checked
+
+
+def test_pastTheTimeoutAccepted(deployment: Deployment) -> None:
+    """
+    Past limits.request_timeout_s a write is answered 202 with its
+    Location, and finishes all the same.
+    """
+    instance = deployment.instances[1]
+    config = instance.configPath.read_text()
+    instance.configPath.write_text(config.replace("request_timeout_s: 5", "request_timeout_s: 0.001"))
+    assert instance.admin("POST", "/_reload")[0] == 200
+    status, headers, body = instance.request("PUT", "/items/late", b"late")
+    assert status == 202, body
+    assert json.loads(body)["outcome"] == "pending" and headers["location"].startswith("/_uow/")
+    deployment.settled()
+    status, record = deployment.instances[2].admin("GET", headers["location"])
+    assert status == 200 and record["state"] == "stored", record
+    assert deployment.instances[0].request("GET", "/items/late")[2] == b"late"
