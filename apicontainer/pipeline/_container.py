@@ -286,6 +286,7 @@ class Container:
             ("admin_listen", "adminListen"),
             ("data_dir", "dataDir"),
             ("spool.backend", "spoolBackend"),
+            ("spool", "jetstream"),
             ("failqueue.backend", "failqueueBackend"),
         ):
             if getattr(config, attribute) != getattr(self.config, attribute):

@@ -182,6 +182,21 @@ def test_localStashRefused(tmp_path: Path) -> None:
     assert checked.returncode == 78 and "stashes.records: a sqlite stash" in checked.stderr, checked
 
 
+def test_reloadKeepsTheCluster(deployment: Deployment) -> None:
+    """
+    A reload that changes the cluster's settings is refused (they need a
+    restart) and changes nothing; one that does not is taken.
+    """
+    instance = deployment.instances[0]
+    config = instance.configPath.read_text()
+    instance.configPath.write_text(config.replace("partitions: 8", "partitions: 16"))
+    status, answer = instance.admin("POST", "/_reload")
+    assert status == 400 and "spool: changing it needs a restart" in answer["message"], answer
+    instance.configPath.write_text(config.replace("retry: {initial_s: 0.2", "retry: {initial_s: 0.3"))
+    assert instance.admin("POST", "/_reload")[0] == 200
+    assert instance.request("PUT", "/items/after-reload", b"x")[0] == 200
+
+
 def test_pastTheTimeoutAccepted(deployment: Deployment) -> None:
     """
     Past limits.request_timeout_s a write is answered 202 with its
