@@ -192,6 +192,10 @@ class SharedDelivery:
         if unsettled is not None:
             # Delivered again, to this instance or another, after the delay.
             return max(0.0, unsettled.dueAt - self._clock.seconds()) if unsettled.dueAt else 1.0
+        if uow.id in self._spool.undeleted:
+            # Final, but still in the stream: delivered again, it is found
+            # final and deleted then.
+            return 1.0
         self._announce(uow.id, report.asRecord(), replyTo)
         return None
 

@@ -7,6 +7,7 @@ attempt ids from the stream's sequence.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ class StreamSpool:
 
     @ivar directory: The data directory, which holds only what was
         quarantined.
+    @ivar undeleted: UOWs whose message could not be deleted: each later
+        deletion tries them again.
     """
 
     log = Logger()
@@ -37,6 +40,7 @@ class StreamSpool:
     def __init__(self, link: JetStreamLink, dataDir: Path) -> None:
         self.link = link
         self.directory = dataDir
+        self.undeleted: set[int] = set()
         self._quarantine = dataDir / "quarantine"
 
     def open(self) -> None:
@@ -64,8 +68,23 @@ class StreamSpool:
     def delete(self, uowId: int) -> Deferred[None]:
         return aio(self._delete(uowId))
 
-    async def _delete(self, uowId: int) -> None:
-        await self.link.deleteMessage(uowId)
+    async def _delete(self, uowId: int, tries: tuple[float, ...] = (0.2, 1.0)) -> None:
+        for wait in (*tries, None):
+            try:
+                await self.link.deleteMessage(uowId)
+                break
+            except Exception:
+                if wait is None:
+                    self.undeleted.add(uowId)
+                    raise
+                await asyncio.sleep(wait)
+        self.undeleted.discard(uowId)
+        for left in list(self.undeleted)[:8]:
+            try:
+                await self.link.deleteMessage(left)
+            except Exception:
+                return
+            self.undeleted.discard(left)
 
     def quarantine(self, uowId: int) -> Deferred[None]:
         return aio(self._quarantineMessage(uowId))
@@ -155,7 +174,8 @@ class StreamIds:
     """
     Attempt ids from the stream's sequence, so that every attempt id is
     greater than every UOW id and attempt id before it, cluster-wide: a
-    retry's attempt is a message published and deleted at once.
+    retry's attempt is an empty message on C{STREAM.attempt}, which no
+    consumer reads, purged at once (with any that an earlier purge missed).
     """
 
     def __init__(self, link: JetStreamLink) -> None:
@@ -178,7 +198,7 @@ class StreamIds:
         s = self.link.settings
         ack = await self.link.publish(f"{s.stream}.attempt", b"")
         try:
-            await self.link.deleteMessage(ack.seq)
+            await self.link.js.purge_stream(s.stream, subject=f"{s.stream}.attempt")
         except Exception:
-            pass  # an empty message that no consumer reads; it does no harm
+            pass  # the next attempt's purge takes it
         return int(ack.seq)
