@@ -190,6 +190,8 @@ class JetStreamLink:
         await self._ensureStream()
         for what in ("states", "last", "idempotency", "failed"):
             self.buckets[what] = await self._ensureBucket(what)
+        for stream in (self.settings.stream, *(f"KV_{self.settings.bucket(what)}" for what in self.buckets)):
+            await self._led(stream)
         for hook in self.onConnected:
             await hook()
 
@@ -229,6 +231,23 @@ class JetStreamLink:
             )
         self.created = str(info.created)
         self.lastSequence = max(self.lastSequence, info.state.last_seq)
+
+    async def _led(self, stream: str, timeout: float = 30.0) -> None:
+        """
+        Wait until C{stream} has a leader: one just created takes a moment
+        to elect it, and answers nothing meanwhile.
+        """
+        deadline = asyncio.get_event_loop().time() + timeout
+        while True:
+            try:
+                info = await self.js.stream_info(stream)
+                if info.cluster is None or info.cluster.leader:
+                    return
+            except Exception:
+                pass
+            if asyncio.get_event_loop().time() > deadline:
+                return  # the writes say what is wrong
+            await asyncio.sleep(0.1)
 
     async def _ensureBucket(self, what: str) -> Any:
         from nats.js.errors import BucketNotFoundError

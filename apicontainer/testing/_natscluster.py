@@ -118,6 +118,33 @@ class NATSCluster:
         if index is None:
             for i in indexes:
                 self._waitFor(i, "/healthz", deadline)
+        self._waitForPeers(deadline)
+
+    def _waitForPeers(self, deadline: float) -> None:
+        """
+        Wait until the JetStream meta group has a leader and every server is
+        a current peer of it: until then, creating a replicated stream is
+        refused ("no suitable peers for placement").
+        """
+        import json
+        import urllib.request
+
+        while True:
+            for i, process in enumerate(self._processes):
+                if process is None:
+                    continue
+                try:
+                    with urllib.request.urlopen(f"{self.monitors[i]}/jsz", timeout=2) as answer:
+                        meta = json.load(answer).get("meta_cluster", {})
+                except (OSError, ValueError):
+                    continue
+                peers = meta.get("replicas") or []
+                up = sum(1 for p in peers if p.get("current") and not p.get("offline"))
+                if meta.get("leader") and up + 1 >= sum(p is not None for p in self._processes):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the JetStream cluster in {self.directory} did not form")
+            time.sleep(0.1)
 
     def _waitFor(self, index: int, path: str, deadline: float) -> None:
         import urllib.error
