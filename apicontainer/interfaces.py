@@ -293,6 +293,15 @@ class IFailQueue(Interface):
             L{None}.
         """
 
+    def fresh(uowId):
+        """
+        The entry for C{uowId} as the queue's durable store has it now: on a
+        queue other servers share, L{get} may not have heard their latest
+        write yet.
+
+        @return: A Deferred that fires with the entry, or L{None}.
+        """
+
     def list(state=None):
         """
         @param state: Only entries in this state, or all when L{None}.
@@ -311,7 +320,9 @@ class IFailQueue(Interface):
 
     def drop(uowId):
         """
-        Forget the entry for C{uowId}, durably.
+        Forget the entry for C{uowId}, durably. On a shared queue, an entry
+        that another server took for an attempt meanwhile is not dropped
+        (L{apicontainer.storage.Taken}).
 
         @return: A Deferred that fires with the dropped entry, or L{None} when
             there was none.

@@ -414,25 +414,31 @@ class Container:
         @raise NotFailed: It is not in the fail queue.
         @raise BeingRetried: An attempt at it is under way.
         """
-        entry = self.failQueue.get(uowId)
-        if entry is None:
+        before = await self.failQueue.fresh(uowId)
+        if before is None:
             raise NotFailed(uowId)
-        if entry.state is Status.retrying:
+        # Taken as for an attempt, so that no other server starts one.
+        entry = await self.failQueue.markRetrying(uowId)
+        if entry is None:
             raise BeingRetried(uowId)
         try:
-            uow: UnitOfWork | None = await self.spool.load(uowId)
-        except (CorruptSpoolFile, FileNotFoundError):
-            uow = None
-        await self.states.record(
-            StateRecord.of(Status.dropped, entry.report, entry.route, self.clock.seconds(), uow)
-        )
+            try:
+                uow: UnitOfWork | None = await self.spool.load(uowId)
+            except (CorruptSpoolFile, FileNotFoundError):
+                uow = None
+            await self.states.record(
+                StateRecord.of(Status.dropped, entry.report, entry.route, self.clock.seconds(), uow)
+            )
+        except BaseException:
+            await self.failQueue.put(before)  # as it was: nothing dropped
+            raise
         if uow is not None:
             self.idempotency.release(uow)
         await self.failQueue.drop(uowId)
         await self.spool.delete(uowId)
         self.records.mark(uowId, Status.dropped)
         self.log.warn("UOW {uow} dropped by an operator", uow=uowId, key=entry.key)
-        return entry
+        return before
 
     async def submit(self, request: UnitOfWork) -> Admission:
         """

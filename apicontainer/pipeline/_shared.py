@@ -20,7 +20,6 @@ from ..storage import (
     Duplicate,
     JetStreamLink,
     PartitionConsumers,
-    SharedFailQueue,
     SharedStates,
     SpoolUnavailable,
     Verdicts,
@@ -161,7 +160,7 @@ class SharedDelivery:
     async def _handle(self, uow: UnitOfWork, delivered: int, replyTo: str | None) -> float | None:
         try:
             failed = self._failQueue.get(uow.id)
-            if failed is None and delivered > 1 and isinstance(self._failQueue, SharedFailQueue):
+            if failed is None and delivered > 1:
                 failed = await self._failQueue.fresh(uow.id)
             if failed is not None:
                 return None  # an earlier delivery failed it: the fail queue has it

@@ -30,7 +30,7 @@ from ._durable import (
     writeAtomically,
     writeFile,
 )
-from ._failqueue import FailedUOW, FileFailQueue, RetryPolicy
+from ._failqueue import FailedUOW, FileFailQueue, RetryPolicy, Taken
 from ._groupcommit import GroupCommit, Operation, Result, each
 from ._jetstream import (
     JetStreamLink,
@@ -86,6 +86,7 @@ __all__ = [
     "SpoolFull",
     "StateRecord",
     "StateStore",
+    "Taken",
     "UOWIds",
     "answerBatch",
     "becomeChild",

@@ -120,6 +120,12 @@ class FailedUOW:
         )
 
 
+class Taken(Exception):
+    """
+    Another server took the entry for an attempt: it was not dropped.
+    """
+
+
 @implementer(IFailQueue)
 class FileFailQueue:
     """
@@ -193,6 +199,10 @@ class FileFailQueue:
 
     def get(self, uowId: int) -> FailedUOW | None:
         return self._entries.get(uowId)
+
+    def fresh(self, uowId: int) -> Deferred[FailedUOW | None]:
+        # One server owns this queue: its memory is the latest.
+        return succeed(self._entries.get(uowId))
 
     def list(self, state: Status | None = None) -> builtins.list[FailedUOW]:
         return [

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from ..interfaces import IFailQueue
 from ..uow import Report, Status
-from ._failqueue import FailedUOW, RetryPolicy, nextEntry
+from ._failqueue import FailedUOW, RetryPolicy, Taken, nextEntry
 from ._jetstream import JetStreamLink, aio
 from ._states import StateRecord
 
@@ -87,14 +87,15 @@ class SharedStates:
             await self._claimKey(record.idempotencyKey, record.payloadHash or "", record.uow)
 
     async def _raiseLast(self, key: str, uowId: int) -> None:
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+        from nats.js.errors import KeyWrongLastSequenceError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         bucket = self._bucket("last")
         name = keyName(key)
         while True:
             try:
                 entry = await bucket.get(name)
-            except KeyNotFoundError:
+            except NotFoundError:
                 try:
                     await bucket.create(name, str(uowId).encode())
                     return
@@ -137,11 +138,11 @@ class SharedStates:
         return aio(self._holderOf(idempotencyKey))
 
     async def _holderOf(self, idempotencyKey: str) -> tuple[str, int] | None:
-        from nats.js.errors import KeyNotFoundError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         try:
             entry = await self._bucket("idempotency").get(keyName(idempotencyKey))
-        except KeyNotFoundError:
+        except NotFoundError:
             return None
         if entry.value is None:
             return None
@@ -152,11 +153,11 @@ class SharedStates:
         return aio(self._get(uowId))
 
     async def _get(self, uowId: int) -> StateRecord | None:
-        from nats.js.errors import KeyNotFoundError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         try:
             entry = await self._bucket("states").get(f"u{uowId}")
-        except KeyNotFoundError:
+        except NotFoundError:
             return None
         return _record(entry.value) if entry.value else None
 
@@ -171,11 +172,11 @@ class SharedStates:
         return aio(self._lastStored(key))
 
     async def _lastStored(self, key: str) -> int | None:
-        from nats.js.errors import KeyNotFoundError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         try:
             entry = await self._bucket("last").get(keyName(key))
-        except KeyNotFoundError:
+        except NotFoundError:
             return None
         return int(entry.value) if entry.value else None
 
@@ -217,6 +218,8 @@ class SharedFailQueue:
         self._clock = clock
         self._uniform = uniform
         self._entries: dict[int, tuple[FailedUOW, int]] = {}
+        # The revisions of the entries this instance took for an attempt.
+        self._taken: dict[int, int] = {}
         self._watching: Any = None
         link.onConnected.append(self._watch)
 
@@ -273,7 +276,23 @@ class SharedFailQueue:
         return aio(self._put(entry))
 
     async def _put(self, entry: FailedUOW) -> None:
-        revision = await self.link.buckets["failed"].put(f"u{entry.uow}", _entryJSON(entry))
+        """
+        Record C{entry}. After an attempt this instance took it for, only if
+        nobody changed it meanwhile (an operator dropped it): a dropped
+        entry stays dropped.
+        """
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        bucket = self.link.buckets["failed"]
+        taken = self._taken.pop(entry.uow, None)
+        if taken is None:
+            revision = await bucket.put(f"u{entry.uow}", _entryJSON(entry))
+        else:
+            try:
+                revision = await bucket.update(f"u{entry.uow}", _entryJSON(entry), last=taken)
+            except KeyWrongLastSequenceError:
+                self.log.warn("UOW {uow} was dropped during its attempt: not queued again", uow=entry.uow)
+                return
         self._entries[entry.uow] = (entry, revision)
 
     def get(self, uowId: int) -> FailedUOW | None:
@@ -288,11 +307,11 @@ class SharedFailQueue:
         return aio(self._fresh(uowId))
 
     async def _fresh(self, uowId: int) -> FailedUOW | None:
-        from nats.js.errors import KeyNotFoundError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         try:
             current = await self.link.buckets["failed"].get(f"u{uowId}")
-        except KeyNotFoundError:
+        except NotFoundError:
             return None
         if not current.value:
             return None
@@ -321,12 +340,13 @@ class SharedFailQueue:
         Take C{uowId}'s entry for an attempt, if C{takeable} says so of its
         newest revision and no other instance takes it first.
         """
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+        from nats.js.errors import KeyWrongLastSequenceError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         bucket = self.link.buckets["failed"]
         try:
             current = await bucket.get(f"u{uowId}")
-        except KeyNotFoundError:
+        except NotFoundError:
             self._entries.pop(uowId, None)
             return None
         if not current.value:
@@ -342,6 +362,7 @@ class SharedFailQueue:
         except KeyWrongLastSequenceError:
             return None  # another instance took it
         self._entries[uowId] = (taken, revision)
+        self._taken[uowId] = revision
         return taken
 
     def takeDue(self) -> Deferred[builtins.list[FailedUOW]]:
@@ -367,9 +388,33 @@ class SharedFailQueue:
         return aio(self._drop(uowId))
 
     async def _drop(self, uowId: int) -> FailedUOW | None:
-        entry = self.get(uowId)
-        await self.link.buckets["failed"].delete(f"u{uowId}")
+        """
+        Delete the entry, unless another instance takes it for an attempt
+        first (a compare-and-set on the revision read).
+
+        @raise Taken: It is under way elsewhere.
+        """
+        from nats.js.errors import KeyWrongLastSequenceError
+        from nats.js.errors import NotFoundError  # a key never written, or deleted
+
+        bucket = self.link.buckets["failed"]
+        try:
+            current = await bucket.get(f"u{uowId}")
+        except NotFoundError:
+            self._entries.pop(uowId, None)
+            return None
+        if not current.value:
+            return None
+        entry = FailedUOW.fromJSON(json.loads(current.value))
+        if self._taken.get(uowId) != current.revision:
+            if entry.state is Status.retrying and not self._leaseOver(entry, self._clock.seconds()):
+                raise Taken(uowId)
+        try:
+            await bucket.delete(f"u{uowId}", last=current.revision)
+        except KeyWrongLastSequenceError:
+            raise Taken(uowId)
         self._entries.pop(uowId, None)
+        self._taken.pop(uowId, None)
         return entry
 
     def __len__(self) -> int:
