@@ -191,11 +191,16 @@ class AdminAPI:
         if entry is not None:
             return jsonResponse(request, 200, {**entry.asJSON(), "failed": True})
         record = self._container.records.get(uowId)
-        if record is not None:
+        # A recent UOW that was queued is no longer in the fail queue: its
+        # final state (recorded here or by another server) says what became
+        # of it.
+        if record is not None and record.state is not Status.queued:
             return jsonResponse(request, 200, {**record.asJSON(), "failed": False})
         final = await self._container.states.get(uowId)
         if final is not None:
             return jsonResponse(request, 200, {**final.asJSON(), "failed": False})
+        if record is not None:
+            return jsonResponse(request, 200, {**record.asJSON(), "failed": False})
         return errorResponse(
             request,
             404,
