@@ -50,11 +50,15 @@ failqueue:
 stashes:
   catalog: {{type: postgres, dsn: "%(dsn)s", table: %(table)s}}
   cache: {{type: redis, url: "redis://%(redis)s/0", prefix: "%(prefix)s"}}
-routes:
+%(down)sroutes:
   - path: /items/<id>
     stashes: [catalog, cache]
     read: [catalog]
-"""
+%(downRoute)s"""
+
+# A stash whose database is down, on a route of its own: its UOWs fail.
+DOWN = '  down: {{type: postgres, dsn: "host=127.0.0.1 port=9 dbname=x user=postgres connect_timeout=1", table: d}}\n'
+DOWN_ROUTE = "  - path: /down/<id>\n    stashes: [catalog, down]\n"
 
 
 class Deployment:
@@ -63,7 +67,12 @@ class Deployment:
     own.
     """
 
-    def __init__(self, directory: Path, cluster: Any, size: int = 3, partitions: int = 8) -> None:
+    def __init__(
+        self, directory: Path, cluster: Any, size: int = 3, partitions: int = 8, failing: bool = False
+    ) -> None:
+        """
+        @param failing: Add the route C{/down/<id>}, whose UOWs fail.
+        """
         self.directory = directory
         self.cluster = cluster
         self.stream = f"S{uuid.uuid4().hex[:10]}"
@@ -77,6 +86,8 @@ class Deployment:
             "table": self.table,
             "redis": f"{REDIS[0]}:{REDIS[1]}",
             "prefix": self.prefix,
+            "down": DOWN if failing else "",
+            "downRoute": DOWN_ROUTE if failing else "",
         }
         self.instances = []
         for i in range(size):

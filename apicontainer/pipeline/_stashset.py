@@ -49,10 +49,10 @@ def buildStashes(
             raise ConfigError(f"stash type {spec.type!r} built {stash!r}, which is not an IStash")
         if config.jetstream is not None and ILocalStorage.providedBy(stash):
             raise ConfigError(
-                f"{config.source}: stashes.{name}: a {spec.type} stash keeps its data on this machine's"
+                f"{config.source}: stashes.{name}: a {spec.type} stash keeps data on this machine's"
                 " disk, and with spool.backend: jetstream any instance may apply any UOW, so the"
                 " instances' copies would diverge; use a store every instance reaches (postgres,"
-                " redis, http)"
+                " redis)"
             )
         stashes[name] = stash
     for route in config.routes:

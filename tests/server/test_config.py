@@ -207,8 +207,10 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("spool.servers: ", self.refused(shared + "spool: {backend: jetstream}\n"))
         self.assertIn("spool.stream: 'a.b'", self.refused(shared + spool + "  stream: a.b\n"))
         self.assertIn("spool.replicas: 7", self.refused(shared + spool + "  replicas: 7\n"))
+        downstream = shared.replace("records: {type: redis, url: 'redis://127.0.0.1:6379/0'}", "records: {type: http, url: 'http://127.0.0.1:9/'}")
+        self.assertIn("stashes.records: a http stash keeps data on this machine's disk", self.refused(downstream + spool, build=True))
         local = self.refused(GOOD + spool, build=True)
-        self.assertIn(": stashes.records: a sqlite stash keeps its data on this machine's disk", local)
+        self.assertIn(": stashes.records: a sqlite stash keeps data on this machine's disk", local)
         self.assertIn("use a store every instance reaches", local)
 
     def test_exposedWithoutTokens(self) -> None:

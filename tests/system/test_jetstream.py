@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,6 +72,56 @@ def test_anyInstanceAnswersForTheCluster(deployment: Deployment) -> None:
     other = b.request("PUT", "/items/i", b"two", {"Idempotency-Key": "key-1"})
     assert other[0] == 422, other
     assert deployment.settled()["messages"] == 0
+
+
+@pytest.fixture
+def failing(natsCluster: Any, tmp_path: Path) -> Iterator[Deployment]:
+    require("PostgreSQL", "127.0.0.1", 5432)
+    require("Redis", *REDIS)
+    running = Deployment(tmp_path, natsCluster, failing=True)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        running.cleanUp()
+
+
+def test_oneFailQueueForTheCluster(failing: Deployment) -> None:
+    """
+    A UOW that a stash fails (a PostgreSQL stash whose server is down) is
+    answered 503 with its Location and waits in the one fail queue, which
+    every instance lists; another instance retries it, and a third drops
+    it, for all of them.
+    """
+    deployment = failing
+    a, b, c = deployment.instances
+    status, headers, body = a.request("PUT", "/down/1", b"x")
+    assert status == 503 and json.loads(body)["outcome"] == "queued", body
+    uowId = int(headers["location"].rsplit("/", 1)[1])
+
+    def listed() -> list[list[int]]:
+        return [[e["uow"] for e in i.admin("GET", "/_failed")[1]["failed"]] for i in deployment.instances]
+
+    deadline = time.monotonic() + 10
+    while listed() != [[uowId]] * 3:
+        assert time.monotonic() < deadline, listed()
+        time.sleep(0.1)
+    status, retried = b.admin("POST", f"/_failed/{uowId}/retry")
+    assert status == 200 and retried["state"] == "queued", retried
+    deadline = time.monotonic() + 10
+    while [e["attempts"] for e in c.admin("GET", "/_failed")[1]["failed"]] != [2]:
+        assert time.monotonic() < deadline, c.admin("GET", "/_failed")
+        time.sleep(0.1)
+    assert c.admin("GET", f"/_uow/{uowId}")[1]["failed"] is True
+    status, dropped = c.admin("DELETE", f"/_failed/{uowId}")
+    assert status == 200, dropped
+    deadline = time.monotonic() + 10
+    while listed() != [[]] * 3:
+        assert time.monotonic() < deadline, listed()
+        time.sleep(0.1)
+    assert a.admin("GET", f"/_uow/{uowId}")[1]["state"] == "dropped"
+    assert deployment.streamMessages() == 0
 
 
 def test_tooLargeForTheStream(deployment: Deployment) -> None:
@@ -173,7 +224,7 @@ def test_localStashRefused(tmp_path: Path) -> None:
     """
     config = SHARED % "records: {{type: sqlite, path: records.sqlite3}}"
     line = _refusal(tmp_path, config, ["--reactor=asyncio"])
-    assert "stashes.records: a sqlite stash keeps its data on this machine's disk" in line
+    assert "stashes.records: a sqlite stash keeps data on this machine's disk" in line
     checked = subprocess.run(
         [str(Path(sys.executable).parent / "apicontainer"), "check-config", str(tmp_path / "config.yaml")],
         capture_output=True,
