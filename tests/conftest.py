@@ -54,6 +54,12 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(Exception):
+    """
+    The server could not listen: its port was taken meanwhile.
+    """
+
+
 class RunningServer:
     """
     A `twist apicontainer` subprocess with its ports and data directory.
@@ -86,6 +92,23 @@ class RunningServer:
 
         @param env: Extra environment variables (a crash point to arm).
         """
+        for _ in range(3):
+            try:
+                return self._start(env)
+            except PortTaken:
+                # A port picked free was taken by another socket before the
+                # server bound it (an outgoing connection's ephemeral port):
+                # pick others.
+                text = self.configPath.read_text()
+                for attribute in ("port", "adminPort"):
+                    old, new = getattr(self, attribute), freePort()
+                    text = text.replace(f"tcp:{old}:", f"tcp:{new}:")
+                    setattr(self, attribute, new)
+                self.configPath.write_text(text)
+        self._start(env)
+
+    def _start(self, env: dict[str, str] | None) -> None:
+        logged = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*TWIST, *([f"--reactor={self.reactor}"] if self.reactor else []), "apicontainer", "--config", str(self.configPath)],
@@ -97,6 +120,8 @@ class RunningServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "Address already in use" in self.log.read_text()[logged:]:
+                    raise PortTaken()
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
                 if self.admin("GET", "/_health")[0] in (200, 401):
