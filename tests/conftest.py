@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,10 +55,14 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
-class PortTaken(Exception):
+class PortTaken(RuntimeError):
     """
-    The server could not listen: its port was taken meanwhile.
+    The server could not listen: a port was taken.
     """
+
+    def __init__(self, message: str, port: int) -> None:
+        super().__init__(message)
+        self.port = port
 
 
 class RunningServer:
@@ -95,10 +100,12 @@ class RunningServer:
         for _ in range(3):
             try:
                 return self._start(env)
-            except PortTaken:
+            except PortTaken as e:
                 # A port picked free was taken by another socket before the
                 # server bound it (an outgoing connection's ephemeral port):
-                # pick others.
+                # pick others. A port the config chose itself is left as is.
+                if e.port not in (self.port, self.adminPort):
+                    raise
                 text = self.configPath.read_text()
                 for attribute in ("port", "adminPort"):
                     old, new = getattr(self, attribute), freePort()
@@ -120,8 +127,10 @@ class RunningServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                if "Address already in use" in self.log.read_text()[logged:]:
-                    raise PortTaken()
+                exited = f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
+                taken = re.search(r"listen on [\d.]+:(\d+): \[Errno 98\]", self.log.read_text()[logged:])
+                if taken:
+                    raise PortTaken(exited, int(taken[1]))
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
                 if self.admin("GET", "/_health")[0] in (200, 401):
