@@ -307,17 +307,27 @@ class SharedFailQueue:
         return aio(self._fresh(uowId))
 
     async def _fresh(self, uowId: int) -> FailedUOW | None:
+        current = await self._current(uowId)
+        if current is None:
+            return None
+        self._entries[uowId] = current
+        return current[0]
+
+    async def _current(self, uowId: int) -> tuple[FailedUOW, int] | None:
+        """
+        The entry of C{uowId} in the bucket and its revision, if there is
+        one; the mirror forgets one that is gone.
+        """
         from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         try:
             current = await self.link.buckets["failed"].get(f"u{uowId}")
         except NotFoundError:
+            current = None
+        if current is None or not current.value:
+            self._entries.pop(uowId, None)
             return None
-        if not current.value:
-            return None
-        entry = FailedUOW.fromJSON(json.loads(current.value))
-        self._entries[uowId] = (entry, current.revision)
-        return entry
+        return FailedUOW.fromJSON(json.loads(current.value)), current.revision
 
     def list(self, state: Status | None = None) -> builtins.list[FailedUOW]:
         return [
@@ -341,24 +351,19 @@ class SharedFailQueue:
         newest revision and no other instance takes it first.
         """
         from nats.js.errors import KeyWrongLastSequenceError
-        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
         bucket = self.link.buckets["failed"]
-        try:
-            current = await bucket.get(f"u{uowId}")
-        except NotFoundError:
-            self._entries.pop(uowId, None)
+        current = await self._current(uowId)
+        if current is None:
             return None
-        if not current.value:
-            return None
-        entry = FailedUOW.fromJSON(json.loads(current.value))
+        entry, revision = current
         now = self._clock.seconds()
         if not takeable(entry, now):
-            self._entries[uowId] = (entry, current.revision)
+            self._entries[uowId] = current
             return None
         taken = evolve(entry, state=Status.retrying, nextAttemptAt=now + self.lease)
         try:
-            revision = await bucket.update(f"u{uowId}", _entryJSON(taken), last=current.revision)
+            revision = await bucket.update(f"u{uowId}", _entryJSON(taken), last=revision)
         except KeyWrongLastSequenceError:
             return None  # another instance took it
         self._entries[uowId] = (taken, revision)
@@ -395,22 +400,16 @@ class SharedFailQueue:
         @raise Taken: It is under way elsewhere.
         """
         from nats.js.errors import KeyWrongLastSequenceError
-        from nats.js.errors import NotFoundError  # a key never written, or deleted
 
-        bucket = self.link.buckets["failed"]
-        try:
-            current = await bucket.get(f"u{uowId}")
-        except NotFoundError:
-            self._entries.pop(uowId, None)
+        current = await self._current(uowId)
+        if current is None:
             return None
-        if not current.value:
-            return None
-        entry = FailedUOW.fromJSON(json.loads(current.value))
-        if self._taken.get(uowId) != current.revision:
+        entry, revision = current
+        if self._taken.get(uowId) != revision:
             if entry.state is Status.retrying and not self._leaseOver(entry, self._clock.seconds()):
                 raise Taken(uowId)
         try:
-            await bucket.delete(f"u{uowId}", last=current.revision)
+            await self.link.buckets["failed"].delete(f"u{uowId}", last=revision)
         except KeyWrongLastSequenceError:
             raise Taken(uowId)
         self._entries.pop(uowId, None)
