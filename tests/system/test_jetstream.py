@@ -26,17 +26,29 @@ from tests.services import REDIS, require, requireJetStream
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def deployment(natsCluster: Any, tmp_path: Path) -> Iterator[Deployment]:
+def _deployed(cluster: Any, directory: Path, failing: bool = False) -> Iterator[Deployment]:
     require("PostgreSQL", "127.0.0.1", 5432)
     require("Redis", *REDIS)
-    running = Deployment(tmp_path, natsCluster)
+    running = Deployment(directory, cluster, failing=failing)
     running.start()
     try:
         yield running
     finally:
         running.stop()
         running.cleanUp()
+
+
+@pytest.fixture
+def deployment(natsCluster: Any, tmp_path: Path) -> Iterator[Deployment]:
+    yield from _deployed(natsCluster, tmp_path)
+
+
+@pytest.fixture
+def failing(natsCluster: Any, tmp_path: Path) -> Iterator[Deployment]:
+    """
+    A deployment with the route C{/down/<id>}, whose stash's server is down.
+    """
+    yield from _deployed(natsCluster, tmp_path, failing=True)
 
 
 def test_anyInstanceAnswersForTheCluster(deployment: Deployment) -> None:
@@ -72,19 +84,6 @@ def test_anyInstanceAnswersForTheCluster(deployment: Deployment) -> None:
     other = b.request("PUT", "/items/i", b"two", {"Idempotency-Key": "key-1"})
     assert other[0] == 422, other
     assert deployment.settled()["messages"] == 0
-
-
-@pytest.fixture
-def failing(natsCluster: Any, tmp_path: Path) -> Iterator[Deployment]:
-    require("PostgreSQL", "127.0.0.1", 5432)
-    require("Redis", *REDIS)
-    running = Deployment(tmp_path, natsCluster, failing=True)
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        running.cleanUp()
 
 
 def test_oneFailQueueForTheCluster(failing: Deployment) -> None:
