@@ -70,8 +70,12 @@ def _instances(work: Path, count: int, spool: str, table: str, prefix: str, reac
             cwd=home, stdout=(home / "server.log").open("wb"), stderr=subprocess.STDOUT,
         )
         started.append({"process": process, "port": port, "admin": admin})
-    for instance in started:
-        waitFor(instance["port"])
+    try:
+        for instance in started:
+            waitFor(instance["port"])
+    except BaseException:
+        _stop(started)  # none is left running when one did not start
+        raise
     return started
 
 
