@@ -22,7 +22,7 @@ import uuid
 import zlib
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from attrs import field, frozen
+from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +33,6 @@ T = TypeVar("T")
 
 # Headers of a UOW's message.
 DEDUP = "Nats-Msg-Id"
-PAYLOAD_HASH = "Apicontainer-Payload-Hash"
 # Where the instance that took the request hears the UOW's report.
 REPLY = "Apicontainer-Reply"
 # JetStream's error codes for a sequence with no message (to read, to delete).
@@ -74,10 +73,10 @@ class JetStreamSettings:
     partitions: int = 64
     replicas: int = 3
     ackWait: float = 10.0
-    # Of idempotency records and final states; also the stream's
-    # duplicate window is min(this, DUPLICATE_WINDOW).
+    # Of idempotency records and final states.
     retention: float = 86400.0
-    duplicateWindow: float = field(default=600.0)
+    # The stream's own Idempotency-Key dedup: min(this, retention).
+    duplicateWindow: float = 600.0
 
     def subject(self, partition: int) -> str:
         return f"{self.stream}.p{partition}"

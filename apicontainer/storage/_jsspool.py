@@ -19,7 +19,7 @@ from zope.interface import implementer
 from ..interfaces import IJournal, ISpool
 from ..uow import UnitOfWork
 from ._durable import makeDirectories, writeFile
-from ._jetstream import DEDUP, NO_MESSAGE, PAYLOAD_HASH, REPLY, JetStreamLink, SpoolTooLarge, aio
+from ._jetstream import DEDUP, NO_MESSAGE, REPLY, JetStreamLink, SpoolTooLarge, aio
 from ._spoolfile import decode, encode
 
 
@@ -136,7 +136,6 @@ class StreamJournal:
         headers = {REPLY: self.link.inbox}
         if uow.idempotencyKey is not None:
             headers[DEDUP] = uow.idempotencyKey
-            headers[PAYLOAD_HASH] = uow.payloadHash()
         subject = self.link.settings.subject(self.link.settings.partitionOf(uow.key))
         ack = await self.link.publish(subject, data, headers)
         written = evolve(uow, id=ack.seq, attempt=ack.seq)
