@@ -54,6 +54,41 @@ class IStash(Interface):
         """
 
 
+class IBatchStash(IStash):
+    """
+    A stash that takes many UOWs in one call: one transaction, one sync and
+    one Deferred for them all, where L{IStash} takes one call each. The
+    pipeline uses it when a stash provides it, and calls L{IStash}'s methods
+    one UOW at a time otherwise (L{apicontainer.pipeline.batchOf}).
+
+    A batch never holds two UOWs on the same key, and holds them in UOW id
+    order. Each UOW of a batch keeps the rules of L{IStash}, as if it came
+    alone: one UOW's failure leaves the others' writes whole.
+    """
+
+    def stashBatch(uows):
+        """
+        Apply the mutation of each of C{uows} and prepare its rollback.
+
+        @param uows: A sequence of L{apicontainer.uow.UnitOfWork}.
+        @return: A Deferred that fires with a list of
+            L{apicontainer.uow.Verdict}, one per UOW, in the order given. If
+            it fails, every UOW of the batch has an unknown outcome.
+        """
+
+    def commitBatch(uows):
+        """
+        Make the mutation of each of C{uows} permanent and forget its
+        rollback data.
+
+        @return: A Deferred that fires with a list, one per UOW in the order
+            given: L{None} where it committed, the
+            L{twisted.python.failure.Failure} where it did not. If it
+            fails, none is known to have committed (a commit is idempotent:
+            the pipeline asks again, one UOW at a time).
+        """
+
+
 class IReader(Interface):
     """
     A stash that can answer reads.
@@ -233,6 +268,18 @@ class IJournal(Interface):
         @return: A Deferred that fires once the record is durable, with the
             removal's error, if it failed (the record is durable all the
             same); it fails with the record's error.
+        """
+
+    def settleBatch(records):
+        """
+        Record each of C{records}' final states durably, then remove each
+        UOW's spool file: L{settle} with C{removeSpool} for each, as one
+        batch.
+
+        @return: A Deferred that fires with one outcome per record, in the
+            order given: what L{settle} would have given (L{None}, or the
+            removal's error), or the L{twisted.python.failure.Failure} of a
+            record that is not durable.
         """
 
 

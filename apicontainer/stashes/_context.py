@@ -5,7 +5,7 @@ What every stash factory is given, and the errback most stashes share.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -16,7 +16,6 @@ from twisted.python.failure import Failure
 from ..blocking import Blocking
 from ..storage import numberingOf
 from ..uow import UnitOfWork, Verdict
-
 
 T = TypeVar("T")
 
@@ -124,3 +123,39 @@ def unavailable(
         return Verdict.failed(503, f"{type(stash).__name__}: {type(reason.value).__name__}: {reason.value}".strip())
 
     return verdict
+
+
+def verdictsOf(
+    stash: Any, uows: Sequence[UnitOfWork], outcomes: Sequence[tuple[bool, Any]], *errors: type[BaseException]
+) -> list[Verdict]:
+    """
+    The verdicts of a batch call, from the outcome of each of its UOWs (a
+    L{GroupCommit} batch's): a verdict, or a failure, which is a 503 if it
+    is one of C{errors} (as with L{unavailable}), else a 500.
+    """
+    verdicts = []
+    for uow, (ok, value) in zip(uows, outcomes):
+        if ok:
+            verdicts.append(value)
+        elif value.check(*errors):
+            verdicts.append(unavailable(stash, uow, *errors)(value))
+        else:
+            _log.failure("stash {stash} raised on UOW {uow}", value, stash=stash.name, uow=uow.id)
+            verdicts.append(Verdict.failed(500, f"{type(value.value).__name__}: {value.value}"))
+    return verdicts
+
+
+def allUnavailable(
+    stash: Any, uows: Sequence[UnitOfWork], *errors: type[BaseException]
+) -> Callable[[Failure], list[Verdict]]:
+    """
+    L{unavailable} for a batch call that failed as a whole: one of
+    C{errors} is a 503 verdict for each UOW; anything else goes on as a
+    failure.
+    """
+
+    def verdicts(reason: Failure) -> list[Verdict]:
+        reason.trap(*errors)
+        return [unavailable(stash, uow, *errors)(reason) for uow in uows]
+
+    return verdicts

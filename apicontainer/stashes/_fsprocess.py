@@ -32,45 +32,59 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
+from ..interfaces import IBatchStash, ILocalStorage, IProbe, IPrunable, IReader, IStartable
 from ..storage import (
     Answer,
+    CallBatch,
     ChildRunner,
     Command,
     Operation,
-    answerBatch,
+    Result,
     becomeChild,
     decodeUOW,
     encodeUOW,
     frame,
+    manyResults,
     readIn,
     refusal,
     refused,
     serve,
 )
 from ..uow import Document, UnitOfWork, Verdict
-from ._context import unavailable
+from ._context import allUnavailable, unavailable, verdictsOf
 from ._filesystem import LocalRoot
 
 # The child.
 
 
 # The calls of the server on a filesystem stash's child: writes, commits,
-# rollbacks and prunes run in one batch (FilesystemStash.runBatch); reads
-# and probes on their own between batches.
+# rollbacks and prunes run in one batch (FilesystemStash.runBatch), with
+# those of the calls that reached the child together; reads and probes on
+# their own between batches. A batch call (stash_batch, commit_batch) carries
+# many UOWs, and its answer a result for each.
 STASH = Command("stash")
 COMMIT = Command("commit")
 ROLLBACK = Command("rollback")
 PRUNE = Command("prune")
+STASH_BATCH = Command("stash_batch")
+COMMIT_BATCH = Command("commit_batch")
 READ = Command("read", batched=False)
 PROBE = Command("probe", batched=False)
-_COMMANDS = {command.name: command for command in (STASH, COMMIT, ROLLBACK, PRUNE, READ, PROBE)}
+_COMMANDS = {
+    command.name: command
+    for command in (STASH, COMMIT, ROLLBACK, PRUNE, STASH_BATCH, COMMIT_BATCH, READ, PROBE)
+}
+_MANY = {STASH_BATCH: STASH, COMMIT_BATCH: COMMIT}
+
+
+def _verdictJSON(result: Any) -> Any:
+    return result.asJSON() if isinstance(result, Verdict) else None
 
 
 def _answer(result: Any) -> bytes:
@@ -90,27 +104,42 @@ def _answers(stash: Any, calls: list[Answer]) -> list[bytes]:
     probe, which is answered between them.
     """
     answers: list[bytes] = []
-    operations: list[Any] = []
+    batch = CallBatch(answers)
     for head, body in calls:
         command = _COMMANDS.get(head["op"])
         if command is not None and command.batched:
-            operations.append(_operation(stash, command, head, body))
+            try:
+                operations = _operations(stash, command, head, body)
+            except Exception:
+                answers.append(refusal(Failure()))
+                continue
+            batch.add(operations, many=command in _MANY)
             continue
-        answers.extend(answerBatch(stash.runBatch, operations, _answer))
-        operations = []
+        batch.run(stash.runBatch, _answer, _verdictJSON)
         answers.append(_single(stash, command, head))
-    answers.extend(answerBatch(stash.runBatch, operations, _answer))
+    batch.run(stash.runBatch, _answer, _verdictJSON)
     return answers
 
 
-def _operation(stash: Any, command: Command, head: dict[str, Any], body: bytes) -> Operation:
+def _operations(stash: Any, command: Command, head: dict[str, Any], body: bytes) -> list[Operation]:
     """
-    The batch operation of a batched call.
+    The batch operations of a batched call: one, or one per UOW of a batch
+    call.
     """
     if command is PRUNE:
-        return (stash.pruneNow, (int(head["horizon"]),))
+        return [(stash.pruneNow, (int(head["horizon"]),))]
+    if command in _MANY:
+        run = stash.stashNow if command is STASH_BATCH else stash.commitNow
+        operations: list[Operation] = []
+        start = 0
+        for uow, size in zip(head["uows"], head["sizes"]):
+            operations.append((run, (decodeUOW(uow, body[start : start + size]),)))
+            start += size
+        if not operations:
+            raise ValueError("a batch call without UOWs")
+        return operations
     run = {STASH: stash.stashNow, COMMIT: stash.commitNow, ROLLBACK: stash.rollbackNow}[command]
-    return (run, (decodeUOW(head["uow"], body),))
+    return [(run, (decodeUOW(head["uow"], body),))]
 
 
 def _single(stash: Any, command: Command | None, head: dict[str, Any]) -> bytes:
@@ -139,6 +168,10 @@ def main(argv: list[str]) -> None:
 # The server's side.
 
 
+def _verdicts(outcomes: list[Result]) -> list[Result]:
+    return [(True, Verdict.fromJSON(value)) if ok else (False, value) for ok, value in outcomes]
+
+
 def _result(answer: Answer) -> Any:
     head, body = answer
     error = refused(head)
@@ -158,7 +191,7 @@ def _result(answer: Answer) -> Any:
 _runners: dict[Path, ChildRunner] = {}
 
 
-@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
+@implementer(IBatchStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class FilesystemProcessStash(LocalRoot):
     """
     A L{FilesystemStash} run by a child process: the server's side.
@@ -209,6 +242,29 @@ class FilesystemProcessStash(LocalRoot):
 
     def commit(self, uow: UnitOfWork) -> Deferred[None]:
         return self._uowCall(COMMIT, uow)
+
+    def _batchCall(self, command: Command, uows: Sequence[UnitOfWork]) -> Deferred[list[Result]]:
+        heads, bodies = [], []
+        for uow in uows:
+            head, body = encodeUOW(uow, withBody=command is STASH_BATCH)
+            heads.append(head)
+            bodies.append(body)
+        call = {"op": command.name, "uows": heads, "sizes": [len(body) for body in bodies]}
+        if self._runner is None:
+            return fail(OSError(f"filesystem stash {self.name} is not started"))
+        return self._runner.call(call, b"".join(bodies)).addCallback(lambda answer: manyResults(answer[0], len(uows)))
+
+    def stashBatch(self, uows: Sequence[UnitOfWork]) -> Deferred[list[Verdict]]:
+        return (
+            self._batchCall(STASH_BATCH, uows)
+            .addCallback(lambda outcomes: verdictsOf(self, uows, _verdicts(outcomes), OSError))
+            .addErrback(allUnavailable(self, uows, OSError))
+        )
+
+    def commitBatch(self, uows: Sequence[UnitOfWork]) -> Deferred[list[Failure | None]]:
+        return self._batchCall(COMMIT_BATCH, uows).addCallback(
+            lambda outcomes: [None if ok else failure for ok, failure in outcomes]
+        )
 
     def rollback(self, uow: UnitOfWork) -> Deferred[None]:
         return self._uowCall(ROLLBACK, uow)

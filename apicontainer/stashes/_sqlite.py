@@ -15,14 +15,15 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..blocking import Blocking
 from ..config import StashSpec
-from ..interfaces import ILocalStorage, IProbe, IPrunable, IReader, IStartable, IStash
+from ..interfaces import IBatchStash, ILocalStorage, IProbe, IPrunable, IReader, IStartable
 from ..storage import GroupCommit, Operation, Result, each, immediate
 from ..uow import Document, UnitOfWork, Verdict
-from ._context import StashContext, released, unavailable
+from ._context import StashContext, allUnavailable, released, unavailable, verdictsOf
 from ._sqldocuments import DocumentTables, tableOption
 
 T = TypeVar("T")
@@ -31,7 +32,25 @@ T = TypeVar("T")
 CHECKPOINT_BYTES = 1000 * 4096
 
 
-@implementer(IStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
+def _each(cursor: sqlite3.Cursor, operation: Callable[..., Any], uows: Sequence[UnitOfWork]) -> list[Result]:
+    """
+    Run C{operation} on each of C{uows}, each in a savepoint of its own
+    inside the caller's transaction, so that one UOW's failure leaves the
+    others' writes whole.
+    """
+    outcomes: list[Result] = []
+    for uow in uows:
+        cursor.execute("SAVEPOINT one")
+        try:
+            outcomes.append((True, operation(cursor, uow)))
+        except Exception:
+            outcomes.append((False, Failure()))
+            cursor.execute("ROLLBACK TO one")
+        cursor.execute("RELEASE one")
+    return outcomes
+
+
+@implementer(IBatchStash, IReader, IStartable, IProbe, ILocalStorage, IPrunable)
 class SQLiteStash:
     """
     Documents in one SQLite table, with an undo table beside it.
@@ -110,6 +129,19 @@ class SQLiteStash:
 
     def stash(self, uow: UnitOfWork) -> Deferred[Verdict]:
         return self._inTransaction(self._tables.stash, uow).addErrback(unavailable(self, uow, sqlite3.Error, OSError))
+
+    def stashBatch(self, uows: Sequence[UnitOfWork]) -> Deferred[list[Verdict]]:
+        errors = (sqlite3.Error, OSError)
+        return (
+            self._inTransaction(_each, self._tables.stash, uows)
+            .addCallback(lambda outcomes: verdictsOf(self, uows, outcomes, *errors))
+            .addErrback(allUnavailable(self, uows, *errors))
+        )
+
+    def commitBatch(self, uows: Sequence[UnitOfWork]) -> Deferred[list[Failure | None]]:
+        return self._inTransaction(_each, self._tables.commit, uows).addCallback(
+            lambda outcomes: [None if ok else failure for ok, failure in outcomes]
+        )
 
     def _inTransaction(self, operation: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._group.submit(operation, *args)

@@ -18,8 +18,8 @@ from ._backends import (
     jetstreamFailQueue,
     jetstreamSpool,
 )
-from ._childprocess import ChildRunner, answerBatch, becomeChild, readIn, serve
-from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, refusal, refused
+from ._childprocess import CallBatch, ChildRunner, becomeChild, readIn, serve
+from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, manyResults, refusal, refused
 from ._durable import (
     fsyncDirectory,
     makeDirectories,
@@ -70,6 +70,7 @@ __all__ = [
     "Verdicts",
     "aio",
     "Answer",
+    "CallBatch",
     "ChildRunner",
     "Command",
     "CorruptSpoolFile",
@@ -88,7 +89,6 @@ __all__ = [
     "StateStore",
     "Taken",
     "UOWIds",
-    "answerBatch",
     "becomeChild",
     "decodeUOW",
     "each",
@@ -100,6 +100,7 @@ __all__ = [
     "nameNumbering",
     "numberingOf",
     "readIn",
+    "manyResults",
     "refusal",
     "refused",
     "removeDurably",

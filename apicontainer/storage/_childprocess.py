@@ -31,7 +31,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import _crashpoints as crashpoints
-from ._childprotocol import Answer, frame, frames, refusal, refused
+from ._childprotocol import Answer, frame, frames, manyAnswer, refusal, refused
+
+Outcome = tuple[bool, Any]
 from ._durable import makeDirectories, writeAll
 
 
@@ -96,23 +98,61 @@ def serve(
             write(b"".join(answer(calls)))
 
 
-def answerBatch(
-    runBatch: Callable[[Sequence[Any]], list[tuple[bool, Any]]],
-    operations: Sequence[Any],
-    answer: Callable[[Any], bytes],
-) -> list[bytes]:
+def runOutcomes(runBatch: Callable[[Sequence[Any]], list[Outcome]], operations: Sequence[Any]) -> list[Outcome]:
     """
-    Run C{operations} as one batch (a group commit's C{runBatch}) and give
-    each one's answer: C{answer} of what it returned, or its refusal (the
-    batch's, when the whole batch failed).
+    The outcome of each of C{operations} run as one batch (a group commit's
+    C{runBatch}): the batch's failure for each, if the whole batch failed.
     """
     if not operations:
         return []
     try:
-        outcomes = runBatch(operations)
+        return runBatch(operations)
     except Exception:
-        return [refusal(Failure())] * len(operations)
-    return [answer(value) if ok else refusal(value) for ok, value in outcomes]
+        return [(False, Failure())] * len(operations)
+
+
+class CallBatch:
+    """
+    The operations of the calls that a child runs as one batch, and the
+    answers they make: a call's one operation gives its answer; a batch
+    call's many give one answer with an outcome for each (L{manyAnswer}).
+
+    @param answers: The answers of all the calls that arrived together, in
+        order; each call added here takes its place there.
+    """
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self._answers = answers
+        self._operations: list[Any] = []
+        self._owners: list[tuple[int, int, bool]] = []
+
+    def add(self, operations: Sequence[Any], many: bool = False) -> None:
+        """
+        Add the operations of the next call, a batch call if C{many}.
+        """
+        self._owners.append((len(self._answers), len(operations), many))
+        self._operations.extend(operations)
+        self._answers.append(b"")
+
+    def run(
+        self,
+        runBatch: Callable[[Sequence[Any]], list[Outcome]],
+        one: Callable[[Any], bytes],
+        each: Callable[[Any], Any],
+    ) -> None:
+        """
+        Run the operations added as one batch, and put each call's answer in
+        its place: C{one(value)} for a call, C{manyAnswer} with C{each} for
+        a batch call, or the refusal.
+        """
+        outcomes = runOutcomes(runBatch, self._operations)
+        start = 0
+        for index, count, many in self._owners:
+            theirs = outcomes[start : start + count]
+            start += count
+            ok, value = theirs[0]
+            self._answers[index] = manyAnswer(theirs, each) if many else one(value) if ok else refusal(value)
+        self._operations, self._owners = [], []
 
 
 def writeOut(data: bytes) -> None:

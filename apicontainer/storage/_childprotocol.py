@@ -109,6 +109,43 @@ def refused(head: dict[str, Any], kinds: Mapping[str, type[Exception]] = {}) -> 
 
 
 
+def manyAnswer(outcomes: list[tuple[bool, Any]], encode: Callable[[Any], Any]) -> bytes:
+    """
+    The answer of a call that carries many operations (a batch call): for
+    each, C{[True, encode(value)]} or C{[False, error, type]}.
+    """
+    results: list[list[Any]] = []
+    for ok, value in outcomes:
+        if ok:
+            results.append([True, encode(value)])
+        else:
+            error = value.value
+            results.append([False, str(error) or type(error).__name__, type(error).__name__])
+    return frame({"ok": True, "results": results})
+
+
+def manyResults(head: dict[str, Any], count: int) -> list[tuple[bool, Any]]:
+    """
+    The outcomes of a L{manyAnswer}: C{(True, value)} or C{(False, Failure)}
+    with the child's error, one for each of the C{count} operations.
+
+    @raise Exception: The call was refused as a whole (L{refused}), or the
+        answer does not have C{count} outcomes.
+    """
+    error = refused(head)
+    if error is not None:
+        raise error
+    outcomes: list[tuple[bool, Any]] = []
+    for ok, *rest in head["results"]:
+        if ok:
+            outcomes.append((True, rest[0]))
+        else:
+            outcomes.append((False, Failure(refused({"ok": False, "error": rest[0], "type": rest[1]}))))
+    if len(outcomes) != count:
+        raise ValueError(f"{len(outcomes)} outcomes for {count} operations")
+    return outcomes
+
+
 def encodeUOW(uow: UnitOfWork, withBody: bool = True) -> tuple[dict[str, Any], bytes]:
     """
     C{uow} as a frame's head and body. A body too large to hold that lies

@@ -42,18 +42,17 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._crashpoints import reach
 from ..interfaces import IJournal
 from ..uow import INLINE_BODY_BYTES, Status, UnitOfWork
-from ._childprocess import ChildRunner, answerBatch, becomeChild, readIn, serve
-from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, refusal, refused
-from ._groupcommit import Operation
+from ._childprocess import CallBatch, ChildRunner, becomeChild, readIn, serve
+from ._childprotocol import Answer, Command, decodeUOW, encodeUOW, frame, manyResults, refusal, refused
 from ._spool import Spool, SpoolError, SpoolFull
 from ._states import StateRecord, StateStore
 
@@ -78,6 +77,9 @@ def removeSpoolFile(spool: Spool, uowId: int, empty: bool = True) -> Exception |
 # transaction (StateStore.runBatch).
 SPOOL = Command("spool")
 STATE = Command("state")
+# Many final states in one call, each spool file removed after: one answer
+# with a result for each.
+STATES = Command("states")
 
 
 @implementer(IJournal)
@@ -104,6 +106,18 @@ class InlineJournal:
         then = partial(removeSpoolFile, self._spool, record.uow) if removeSpool else None
         return self._states.record(record, then=then)
 
+    def settleBatch(self, records: Sequence[StateRecord]) -> Deferred[list[Exception | Failure | None]]:
+        return settleEach(self, records)
+
+
+def settleEach(journal: IJournal, records: Sequence[StateRecord]) -> Deferred[list[Exception | Failure | None]]:
+    """
+    L{IJournal.settleBatch} as one L{IJournal.settle} for each record: for
+    a journal that has no batch of its own.
+    """
+    calls = [journal.settle(record, removeSpool=True) for record in records]
+    return DeferredList(calls, consumeErrors=True).addCallback(lambda results: [value for _, value in results])
+
 
 def _recordFields(r: StateRecord) -> list[Any]:
     return [r.uow, r.key, r.route, r.state.value, r.status, r.report, r.idempotencyKey, r.payloadHash, r.at]
@@ -123,34 +137,37 @@ def _answer(value: Any) -> bytes:
     return frame({"ok": True})
 
 
+def _removalText(value: Any) -> str | None:
+    return (str(value) or type(value).__name__) if isinstance(value, Exception) else None
+
+
 def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[bytes]:
     """
     The answers of C{calls}: the spool writes go in one batch and the final
     states in another.
     """
     answers: list[bytes] = []
-    batches: dict[str, list[tuple[int, Operation]]] = {SPOOL.name: [], STATE.name: []}
+    writes, settlements = CallBatch(answers), CallBatch(answers)
     for head, body in calls:
         try:
             op = head["op"]
             if op == SPOOL.name:
-                operation: Operation = (spool.writeNow, (decodeUOW(head["uow"], body),))
+                writes.add([(spool.writeNow, (decodeUOW(head["uow"], body),))])
             elif op == STATE.name:
                 record = _record(head["record"])
                 # Emptied once the answers are out (main).
                 then = partial(removeSpoolFile, spool, record.uow, empty=False) if head["remove"] else None
-                operation = (states.insertNow, (record, then))
+                settlements.add([(states.insertNow, (record, then))])
+            elif op == STATES.name:
+                records = [_record(fields) for fields in head["records"]]
+                remove = [partial(removeSpoolFile, spool, record.uow, empty=False) for record in records]
+                settlements.add([(states.insertNow, pair) for pair in zip(records, remove)], many=True)
             else:
                 raise ValueError(f"unknown call {op!r}")
         except Exception:
             answers.append(refusal(Failure()))
-            continue
-        batches[op].append((len(answers), operation))
-        answers.append(b"")
-    for runBatch, batch in ((spool.runWrites, batches[SPOOL.name]), (states.runBatch, batches[STATE.name])):
-        results = answerBatch(runBatch, [operation for _, operation in batch], _answer)
-        for (index, _), answer in zip(batch, results):
-            answers[index] = answer
+    writes.run(spool.runWrites, _answer, _removalText)
+    settlements.run(states.runBatch, _answer, _removalText)
     return answers
 
 
@@ -247,6 +264,15 @@ class ProcessJournal:
         return self._call({"op": STATE.name, "record": _recordFields(record), "remove": removeSpool}).addCallback(
             recorded
         )
+
+    def settleBatch(self, records: Sequence[StateRecord]) -> Deferred[list[Exception | Failure | None]]:
+        def recorded(answer: Answer) -> list[Exception | Failure | None]:
+            return [
+                (None if value is None else OSError(value)) if ok else value
+                for ok, value in manyResults(answer[0], len(records))
+            ]
+
+        return self._call({"op": STATES.name, "records": [_recordFields(r) for r in records]}).addCallback(recorded)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import IJournal, ISpool
 from ..uow import UnitOfWork
 from ._durable import makeDirectories, writeFile
 from ._jetstream import DEDUP, NO_MESSAGE, REPLY, JetStreamLink, SpoolTooLarge, aio
+from ._journal import settleEach
 from ._spoolfile import decode, encode
 
 
@@ -145,6 +147,9 @@ class StreamJournal:
 
     def settle(self, record: Any, removeSpool: bool) -> Deferred[Exception | None]:
         return aio(self._settle(record, removeSpool))
+
+    def settleBatch(self, records: Sequence[Any]) -> Deferred[list[Exception | Failure | None]]:
+        return settleEach(self, records)
 
     async def _settle(self, record: Any, removeSpool: bool) -> Exception | None:
         await self._states.put(record)

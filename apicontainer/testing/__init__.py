@@ -19,6 +19,7 @@ sockets, threads or real time::
 
 from ._backends import FAILQUEUE_CONTRACT, SPOOL_CONTRACT, openSpool
 from ._contract import (
+    BATCH_CONTRACT,
     CONTRACT,
     INTERLEAVING_KEYS,
     StashContractTests,
@@ -30,16 +31,18 @@ from ._contract import (
     randomInterleavings,
 )
 from ._harness import ContainerHarness, HarnessResponse
-from ._memory import MemoryStash
+from ._memory import BatchMemoryStash, MemoryStash
 from ._natscluster import NATSCluster, natsServerBinary
 
 __all__ = [
+    "BATCH_CONTRACT",
     "CONTRACT",
     "FAILQUEUE_CONTRACT",
     "SPOOL_CONTRACT",
     "ContainerHarness",
     "HarnessResponse",
     "INTERLEAVING_KEYS",
+    "BatchMemoryStash",
     "MemoryStash",
     "NATSCluster",
     "StashContractTests",

@@ -11,7 +11,7 @@ from unittest import SkipTest
 
 from twisted.internet.defer import Deferred
 
-from ..interfaces import IPrunable, IReader, IStash
+from ..interfaces import IBatchStash, IPrunable, IReader, IStash
 from ..uow import UnitOfWork
 from ._memory import MemoryStash
 
@@ -246,6 +246,40 @@ async def checkPruneForgetsOnlyOldMarkers(stash: Any) -> None:
     assert await _kind(stash, contractUOW(1, b"one", key="/items/a")) == "stored", "the old marker stayed"
 
 
+async def checkBatchIsEachAlone(stash: Any) -> None:
+    """
+    A stash that takes batches (L{IBatchStash}) gives each UOW of a batch
+    the verdict the reference gives it alone (stored, already stored,
+    superseded, rolled back before it arrived), and commits and rolls back
+    each of them as if it had come alone.
+    """
+    reference = MemoryStash("reference")
+    setup = (("stash", 1, "a"), ("commit", 1, "a"), ("stash", 7, "c"), ("rollback", 8, "d"), ("stash", 9, "e"))
+    for operation, uowId, key in setup:
+        for each in (reference, stash):
+            await getattr(each, operation)(contractUOW(uowId, b"%d" % uowId, key=f"/items/{key}"))
+    batch = [
+        contractUOW(uowId, None if key == "f" else b"%d" % uowId, key=f"/items/{key}")
+        for uowId, key in ((2, "a"), (6, "c"), (3, "b"), (8, "d"), (9, "e"), (10, "f"))
+    ]
+    expected = [(await reference.stash(uow)).kind.value for uow in batch]
+    got = [verdict.kind.value for verdict in await stash.stashBatch(batch)]
+    assert got == expected, f"batch verdicts {got}, each alone {expected}"
+    outcomes = await stash.commitBatch([batch[0], batch[4]])
+    assert list(outcomes) == [None, None], f"a commit of the batch failed: {outcomes}"
+    await stash.rollback(batch[2])
+    await stash.rollback(batch[0])
+    for key, body in (("/items/a", b"2"), ("/items/b", None), ("/items/c", b"7"), ("/items/e", b"9")):
+        assert await _read(stash, key) == body, f"{key} holds {await _read(stash, key)!r}, not {body!r}"
+
+
+BATCH_CONTRACT = {check.__name__[len("check") :]: check for check in (checkBatchIsEachAlone,)}
+"""
+The rules of L{IBatchStash}, by name, as L{CONTRACT}'s checks, for a stash
+that provides it.
+"""
+
+
 CONTRACT = {
     check.__name__[len("check") :]: check
     for check in (
@@ -365,6 +399,17 @@ class StashContractTests:
         if not IPrunable.providedBy(stash):
             raise SkipTest(f"{type(stash).__name__} does not provide IPrunable")
         self.successResultOf(Deferred.fromCoroutine(checkPruneForgetsOnlyOldMarkers(stash)))
+
+    def test_batches(self) -> None:
+        """
+        A stash that takes batches (L{IBatchStash}) treats each UOW of a
+        batch as if it came alone.
+        """
+        stash = self.makeStash()
+        if not IBatchStash.providedBy(stash):
+            raise SkipTest(f"{type(stash).__name__} does not provide IBatchStash")
+        for check in BATCH_CONTRACT.values():
+            self.successResultOf(Deferred.fromCoroutine(check(self.makeStash())))
 
     def test_refusalStoresNothing(self) -> None:
         """

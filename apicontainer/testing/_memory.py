@@ -1,17 +1,18 @@
 """
 L{MemoryStash}: the reference stash, in memory, that can be told to
-misbehave.
+misbehave; L{BatchMemoryStash}, the same taking batches.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from attrs import define
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..interfaces import IPrunable, IReader, IStash
+from ..interfaces import IBatchStash, IPrunable, IReader, IStash
 from ..uow import Document, UnitOfWork, Verdict
 
 
@@ -151,3 +152,44 @@ class MemoryStash:
         Key to body of every document present (deleted ones left out).
         """
         return {k: d.body for k, d in self.documents.items() if d.body is not None}
+
+
+@implementer(IBatchStash, IReader, IPrunable)
+class BatchMemoryStash(MemoryStash):
+    """
+    A L{MemoryStash} that takes batches (L{IBatchStash}): each UOW of a
+    batch goes through L{MemoryStash}'s own C{stash} and C{commit}, in
+    order, and each batch call is recorded.
+
+    @ivar batches: Every batch call, as C{(method, uow ids)}, in order.
+    @ivar failBatches: How many of the next batch calls fail as a whole.
+    """
+
+    def __init__(self, name: str, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.batches: list[tuple[str, tuple[int, ...]]] = []
+        self.failBatches = 0
+
+    def _batchCalled(self, method: str, uows: Sequence[UnitOfWork]) -> None:
+        self.batches.append((method, tuple(uow.id for uow in uows)))
+        if self.failBatches:
+            self.failBatches -= 1
+            raise OSError(f"told to fail {method}")
+
+    def stashBatch(self, uows: Sequence[UnitOfWork]) -> Deferred[list[Verdict]]:
+        self._batchCalled("stashBatch", uows)
+
+        def verdicts(results: list[tuple[bool, Any]]) -> Any:
+            # A failure (a cancellation, when a hanging batch times out) as it is.
+            for ok, value in results:
+                if not ok:
+                    return value
+            return [value for _, value in results]
+
+        return DeferredList([self.stash(uow) for uow in uows], consumeErrors=True).addCallback(verdicts)
+
+    def commitBatch(self, uows: Sequence[UnitOfWork]) -> Deferred[list[Failure | None]]:
+        self._batchCalled("commitBatch", uows)
+        return DeferredList([maybeDeferred(self.commit, uow) for uow in uows], consumeErrors=True).addCallback(
+            lambda results: [None if ok else value for ok, value in results]
+        )

@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attrs import evolve
 import pytest_twisted
+from attrs import evolve
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, gatherResults
 from twisted.internet.task import deferLater
 
 from apicontainer.config import ConfigError, StashSpec
 from apicontainer.stashes._filesystem import FilesystemStash
-from apicontainer.storage._childprotocol import decodeUOW, encodeUOW, frame, frames
 from apicontainer.stashes._fsprocess import FilesystemProcessStash
-from apicontainer.testing import CONTRACT, checkInterleaving, contractUOW, randomInterleavings
+from apicontainer.storage._childprotocol import decodeUOW, encodeUOW, frame, frames
+from apicontainer.testing import BATCH_CONTRACT, CONTRACT, checkInterleaving, contractUOW, randomInterleavings
 from apicontainer.uow import SpooledBody, VerdictKind
 
 pytestmark = pytest.mark.process
@@ -54,6 +54,20 @@ async def test_contract(tmp_path: Path, check: Any) -> None:
     """
     Through its child, the filesystem stash keeps each rule of the stash
     contract.
+    """
+    stash = await started(tmp_path / "files")
+    try:
+        await check(stash)
+    finally:
+        await stash.stop()
+
+
+@pytest.mark.parametrize("check", list(BATCH_CONTRACT.values()), ids=list(BATCH_CONTRACT))
+@pytest_twisted.ensureDeferred
+async def test_batchContract(tmp_path: Path, check: Any) -> None:
+    """
+    Through its child, in one call for a batch of UOWs, the filesystem
+    stash treats each UOW as if it came alone.
     """
     stash = await started(tmp_path / "files")
     try:
@@ -298,9 +312,9 @@ def test_processOption(tmp_path: Path) -> None:
     C{process} picks the child; by default it is used where the reactor can
     start processes, and a value that is not a boolean is refused.
     """
+    from apicontainer.blocking import inline
     from apicontainer.config import loadConfig
     from apicontainer.stashes import StashContext
-    from apicontainer.blocking import inline
 
     def build(options: str, withReactor: bool) -> Any:
         path = tmp_path / "config.yaml"

@@ -20,10 +20,19 @@ from apicontainer.interfaces import IStartable
 from apicontainer.stashes._filesystem import FilesystemStash, currentVersion, encodeSegment
 from apicontainer.stashes._http import HTTPStash
 from apicontainer.stashes._sqlite import SQLiteStash
-from apicontainer.testing import MemoryStash, StashContractTests
+from apicontainer.testing import BatchMemoryStash, MemoryStash, StashContractTests
 from apicontainer.uow import Document, UnitOfWork, VerdictKind
-
 from tests.conftest import filesCreated
+
+
+class BatchMemoryStashContractTests(StashContractTests, SynchronousTestCase):
+    """
+    The in-memory stash that takes batches keeps the contract, batches
+    included.
+    """
+
+    def makeStash(self) -> BatchMemoryStash:
+        return BatchMemoryStash("memory")
 
 
 class MemoryStashContractTests(StashContractTests, SynchronousTestCase):
