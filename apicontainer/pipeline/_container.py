@@ -81,24 +81,27 @@ class Container:
         serial: Blocking | None = None,
         processes: Any = None,
         uniform: Callable[[], float] = random.random,
+        turns: IReactorTime | None = None,
     ) -> None:
         """
         @param blocking: Runs short blocking calls (file I/O).
         @param serial: Runs the spool's and the state store's calls, one at
             a time, on one thread: the two take turns there rather than
-            contend for the GIL from two. By
-            default C{blocking}, which must then be serial too.
+            contend for the GIL from two. By default C{blocking}, which must
+            then be serial too.
         @param processes: The reactor that starts the journal's child
             process, which then writes the spool and the final states
-            (L{apicontainer.storage._journal}); without it, they are written through
-            C{serial}.
+            (L{apicontainer.storage._journal}); without it, C{serial} does.
         @param uniform: The random source of retry jitter.
+        @param turns: The reactor whose turns the fanout batches UOWs by
+            (L{Fanout}'s C{turns}).
         """
         self.config = config
         self.clock = clock
         self.stashes = stashes
         dataDir = Path(config.dataDir)
         backend = SPOOL_BACKENDS[config.spoolBackend](dataDir, blocking, serial, processes, config.jetstream)
+        self._turns = turns
         self.spool = backend.spool
         self.ids = backend.ids
         self.states = backend.states
@@ -188,17 +191,8 @@ class Container:
             self.front = SharedFront(self.journal, self.ids, self.states, self.failQueue, verdicts, self.clock)
             self.link.onConnected.insert(0, self._numberFromStream)
         self.fanout = Fanout(
-            self.front,
-            self.workers,
-            self.routes,
-            self.spool,
-            self.failQueue,
-            self.states,
-            self.journal,
-            self.idempotency,
-            self.records,
-            self.clock,
-            self.metrics,
+            self.front, self.workers, self.routes, self.spool, self.failQueue, self.states, self.journal,
+            self.idempotency, self.records, self.clock, self.metrics, turns=self._turns,
         )
         self.retries = RetryEngine(
             self.clock,

@@ -4,10 +4,10 @@ The fanout: sends each UOW to its stashes and settles the outcome.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Coroutine, Mapping, Sequence
 
 from attrs import evolve
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -21,16 +21,8 @@ from ._frontqueue import Admission, Front
 from ._idempotency import IdempotencyIndex
 from ._metrics import Metrics
 from ._records import Unsettled, UOWRecords
-from ._worker import Delivery, Routing, StashWorker
-
-# Seconds to wait before each new try of a failed commit.
-COMMIT_RETRIES = (0.1, 1.0)
-
-
-class CommitFailed(Exception):
-    """
-    A stash could not commit a UOW that every stash had stored.
-    """
+from ._stashcalls import StashCalls, toRollBack
+from ._worker import Routing, StashWorker
 
 
 class Fanout:
@@ -73,8 +65,17 @@ class Fanout:
         records: UOWRecords,
         clock: IReactorTime,
         metrics: Metrics | None = None,
+        turns: IReactorTime | None = None,
     ) -> None:
+        """
+        @param turns: The reactor, to wait for the end of its turn after a
+            UOW reaches the head of the front queue, and take it together
+            with the UOWs that reached it in the same turn (from one batch
+            of spool writes): one batch for the stashes. Without it, each
+            UOW is taken as it comes.
+        """
         self._front = front
+        self._turns = turns
         self.routing = Routing(workers, routes)
         self._spool = spool
         self._failQueue = failQueue
@@ -84,6 +85,7 @@ class Fanout:
         self._records = records
         self._clock = clock
         self._metrics = metrics
+        self._calls = StashCalls(clock, metrics)
         self._tails: dict[str, Deferred[None]] = {}
         self._loop: Deferred[None] | None = None
         self.active: set[Deferred[Report]] = set()
@@ -104,15 +106,46 @@ class Fanout:
             self._loop = None
 
     async def _run(self) -> None:
+        queue = self._front.queue
         while True:
             try:
-                admission = await self._front.queue.get()
+                admission = await queue.get()
             except CancelledError:
                 return
-            self._admit(admission)
+            stopped = False
+            if self._turns is not None:
+                try:
+                    await deferLater(self._turns, 0, lambda: None)
+                except CancelledError:
+                    stopped = True
+            # Whatever else has reached the head of the queue goes with it.
+            admissions = [admission, *queue.pending]
+            queue.pending.clear()
+            self._admit(admissions)
+            if stopped:
+                return
 
-    def _admit(self, admission: Admission) -> None:
-        self.submit(admission.uow).chainDeferred(admission.done)
+    def _admit(self, admissions: Sequence[Admission]) -> None:
+        """
+        Settle C{admissions} (in UOW id order): those on a key with no UOW
+        under way together, as one batch; each of the others after the UOWs
+        before it on its key.
+        """
+        routing = self.routing
+        batch: list[UnitOfWork] = []
+        outcomes: list[Deferred[Report]] = []
+        for admission in admissions:
+            uow = admission.uow
+            if uow.key in self._tails or uow.route not in routing.routes:
+                self.submit(uow).chainDeferred(admission.done)
+                continue
+            self._records.begin(uow)
+            settled: Deferred[Report] = Deferred()
+            self._track(uow, settled).chainDeferred(admission.done)
+            batch.append(uow)
+            outcomes.append(settled)
+        if batch:
+            Deferred.fromCoroutine(self._settleBatch(batch, outcomes, routing))
 
     def submit(self, uow: UnitOfWork, entry: FailedUOW | None = None) -> Deferred[Report]:
         """
@@ -126,6 +159,13 @@ class Fanout:
         self._records.begin(uow)
         previous = self._tails.get(uow.key)
         settled = Deferred.fromCoroutine(self._settleAfter(previous, uow, entry, self.routing))
+        return self._track(uow, settled)
+
+    def _track(self, uow: UnitOfWork, settled: Deferred[Report]) -> Deferred[Report]:
+        """
+        Count C{settled}, the settling of C{uow}, as under way, and make it
+        the tail of C{uow}'s key: the next UOW on the key waits for it.
+        """
         tail: Deferred[None] = Deferred()
         self._tails[uow.key] = tail
         self.active.add(settled)
@@ -149,8 +189,15 @@ class Fanout:
     ) -> Report:
         if previous is not None:
             await previous
+        return await self._guarded(uow, entry, self.settle(uow, entry, routing))
+
+    async def _guarded(self, uow: UnitOfWork, entry: FailedUOW | None, settling: Coroutine[Any, Any, Report]) -> Report:
+        """
+        The report of C{settling}, the settling of C{uow}; if it fails, keep
+        C{uow} for a re-drive (L{unsettle}).
+        """
         try:
-            report = await self.settle(uow, entry, routing)
+            report = await settling
         except Exception as e:
             self.log.failure("UOW {uow} could not be settled", uow=uow.id)
             self.unsettle(uow, entry, str(e) or type(e).__name__)
@@ -159,6 +206,65 @@ class Fanout:
         if redriven is not None and redriven.dueAt is None:
             # A re-drive that settled (one that could not is due again).
             del self.unsettled[uow.id]
+        return report
+
+    async def _settleBatch(self, uows: list[UnitOfWork], outcomes: list[Deferred[Report]], routing: Routing) -> None:
+        """
+        Settle C{uows}, first attempts on keys of their own whose routes are
+        configured, together: one delivery and one commit on each stash for
+        the batch (each UOW that every stash stored is committed). Then each
+        ends on its own: its final state, or its rollbacks. C{outcomes} fire
+        with their reports.
+        """
+        for uow in uows:
+            self._records.applying(uow)
+        try:
+            reports = await self._calls.deliver(uows, routing)
+            stored = [(uow, report) for uow, report in zip(uows, reports) if report.outcome is Status.stored]
+            uncommitted = await self._calls.commitBatch([uow for uow, _ in stored], routing)
+            recorded = await self._recordBatch(
+                [
+                    (uow, report)
+                    for uow, report in stored
+                    if uow.id not in uncommitted and self._failQueue.get(uow.id) is None
+                ]
+            )
+        except Exception:
+            # A fault of the pipeline's own: each UOW is settled alone, from
+            # the start (a stash's stash and commit are idempotent).
+            self.log.failure("a batch of UOWs could not be settled together")
+            for uow, outcome in zip(uows, outcomes):
+                Deferred.fromCoroutine(self._guarded(uow, None, self.settle(uow, None, routing))).chainDeferred(outcome)
+            return
+        for uow, report, outcome in zip(uows, reports, outcomes):
+            if uow.id in recorded:
+                concluding = self._stored(uow, report, recorded[uow.id])
+            else:
+                names = routing.routes[uow.route]
+                concluding = self._conclude(uow, names, report, None, routing, uncommitted.get(uow.id, []))
+            Deferred.fromCoroutine(self._guarded(uow, None, concluding)).chainDeferred(outcome)
+
+    async def _recordBatch(self, done: list[tuple[UnitOfWork, Report]]) -> dict[int, Exception | Failure | None]:
+        """
+        Record C{done}, UOWs committed everywhere, as stored, and remove
+        their spool files: one batch for the journal (L{_finish} for many).
+
+        @return: The journal's outcome for each UOW, by id.
+        """
+        if not done:
+            return {}
+        now = self._clock.seconds()
+        records = [StateRecord.of(Status.stored, report, uow.route, now, uow) for uow, report in done]
+        outcomes = await self._journal.settleBatch(records)
+        return {uow.id: outcome for (uow, _), outcome in zip(done, outcomes)}
+
+    async def _stored(self, uow: UnitOfWork, report: Report, outcome: Exception | Failure | None) -> Report:
+        """
+        End C{uow}, recorded as stored by L{_recordBatch} with C{outcome}.
+        """
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        self._finished(uow, Status.stored, report, outcome)
         return report
 
     def unsettle(self, uow: UnitOfWork, entry: FailedUOW | None, reason: str) -> None:
@@ -224,12 +330,31 @@ class Fanout:
         if entry is not None and entry.compensate:
             report = entry.report
         else:
-            report = await self._deliver(uow, names, routing)
+            (report,) = await self._calls.deliver([uow], routing)
+        return await self._conclude(uow, names, report, entry, routing)
+
+    async def _conclude(
+        self,
+        uow: UnitOfWork,
+        names: Sequence[str],
+        report: Report,
+        entry: FailedUOW | None,
+        routing: Routing,
+        uncommitted: Sequence[str] | None = None,
+    ) -> Report:
+        """
+        End C{uow}, whose stashes gave C{report}: commit everywhere and
+        record it as stored, or roll back and record it as rejected or put
+        it on the fail queue.
+
+        @param uncommitted: For a UOW whose commit was tried already (with
+            its batch): the stashes where it failed.
+        """
         if report.outcome is Status.stored:
-            await self._commit(uow, names, routing)
+            await self._calls.commit(uow, names, routing, uncommitted)
             await self._finish(uow, Status.stored, report)
             return report
-        unfinished = await self._everywhere("rollback", uow, _toRollBack(uow, report, names, entry), routing)
+        unfinished = await self._calls.everywhere("rollback", uow, toRollBack(uow, report, names, entry), routing)
         if unfinished or report.outcome is Status.queued:
             compensate = report.outcome is Status.rejected
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate)
@@ -247,19 +372,6 @@ class Fanout:
         await self._finish(uow, Status.rejected, report)
         return report
 
-    async def _deliver(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> Report:
-        pending = []
-        for name in names:
-            delivery = Delivery(uow, Deferred())
-            routing.workers[name].queue.put(delivery)
-            pending.append(delivery.verdict)
-        results = await DeferredList(pending, consumeErrors=True)
-        verdicts: dict[str, Verdict] = {}
-        for name, (ok, value) in zip(names, results):
-            # A worker turns every error into a verdict; a failure here is a bug.
-            verdicts[name] = value if ok else Verdict.failed(500, str(value.value))  # type: ignore[attr-defined]
-        return Report.fromVerdicts(uow, verdicts)
-
     async def _supersede(
         self, uow: UnitOfWork, names: Sequence[str], newest: int, routing: Routing
     ) -> Report:
@@ -269,7 +381,7 @@ class Fanout:
         """
         declined = Verdict.declined(f"superseded by UOW {newest}")
         report = Report.fromVerdicts(uow, {name: declined for name in names})
-        unfinished = await self._everywhere("rollback", uow, list(reversed(names)), routing)
+        unfinished = await self._calls.everywhere("rollback", uow, list(reversed(names)), routing)
         if unfinished:
             queued = self._failQueue.failed(report, uow.route, tuple(unfinished), compensate=True)
             await self._failQueue.put(queued)
@@ -289,93 +401,27 @@ class Fanout:
         # Without a fail queue entry to drop first (the common case), the
         # spool file goes in the journal's batch, right after the record.
         removal = await self._journal.settle(record, removeSpool=entry is None)
-        self._idempotency.release(uow)
         if entry is not None:
+            self._idempotency.release(uow)
             await self._failQueue.drop(uow.id)
             reach("before-spool-delete")
             try:
                 await self._spool.delete(uow.id)
             except Exception as e:
                 removal = e
+        self._finished(uow, state, report, removal)
+
+    def _finished(self, uow: UnitOfWork, state: Status, report: Report, removal: Exception | None) -> None:
+        """
+        The end of L{_finish}, once the final state is durable and the spool
+        file removed (or its removal failed with C{removal}).
+        """
+        self._idempotency.release(uow)
         if removal is not None:
             # Settled all the same; recovery finds the final state and cleans up.
             self.log.failure("spool file of UOW {uow} could not be deleted", Failure(removal), uow=uow.id)
         self._logReport(uow, report, state.value)
         self._records.finish(uow, state, report)
-
-    async def _commit(self, uow: UnitOfWork, names: Sequence[str], routing: Routing) -> None:
-        """
-        Commit C{uow} everywhere. A stash whose commit fails is asked again
-        after each of L{COMMIT_RETRIES} seconds (a commit is idempotent; a
-        filesystem stash whose process ended commits through a new one).
-
-        @raise CommitFailed: A commit still failed: the UOW is not settled,
-            and its spool file stays for recovery (its write may not be
-            durable, so it gets no 200).
-        """
-        failed = await self._everywhere("commit", uow, names, routing)
-        for delay in COMMIT_RETRIES:
-            if not failed:
-                return
-            await deferLater(self._clock, delay, lambda: None)
-            failed = await self._everywhere("commit", uow, failed, routing)
-        if failed:
-            raise CommitFailed(f"UOW {uow.id} could not be committed in {', '.join(failed)}")
-
-    async def _everywhere(
-        self, step: str, uow: UnitOfWork, names: Sequence[str], routing: Routing
-    ) -> list[str]:
-        """
-        Run C{commit} or C{rollback} on each named stash, each within the
-        stash's C{timeout_s}: commits all at once (each is independent, and a
-        crash between them leaves the rest to recovery), rollbacks one after
-        another in the order given.
-
-        @return: The names of the stashes where it failed.
-        """
-        if step == "commit":
-            calls = [self._onStash(step, uow, name, routing) for name in names]
-            if len(calls) > 1:
-
-                def firstCommitted(ok: bool) -> bool:
-                    reach("during-commit")
-                    return ok
-
-                calls[0].addCallback(firstCommitted)
-            done = await DeferredList(calls)
-            return [name for name, (_, ok) in zip(names, done) if not ok]
-        failed = []
-        for index, name in enumerate(names):
-            ok = await self._onStash(step, uow, name, routing)
-            if index == 0:
-                reach(f"during-{step}")
-            if self._metrics is not None:
-                self._metrics.of(self._metrics.rollbacks, name, "ok" if ok else "failed").inc()
-            if not ok:
-                failed.append(name)
-        return failed
-
-    def _onStash(self, step: str, uow: UnitOfWork, name: str, routing: Routing) -> Deferred[bool]:
-        """
-        Run C{step} on stash C{name} within its C{timeout_s}.
-
-        @return: A Deferred that fires with whether it succeeded (a failure
-            is logged).
-        """
-        worker = routing.workers[name]
-
-        def failed(reason: Failure) -> bool:
-            self.log.failure(
-                "stash {stash} failed to {step} UOW {uow}",
-                reason,
-                stash=name,
-                step=step,
-                uow=uow.id,
-            )
-            return False
-
-        call = worker.deadlines.watch(maybeDeferred(getattr(worker.stash, step), uow), worker.timeout)
-        return call.addCallbacks(lambda _: True, failed)
 
     def _logReport(self, uow: UnitOfWork, report: Report, state: str) -> None:
         if self._metrics is not None:
@@ -402,17 +448,3 @@ class Fanout:
             report=report.asRecord(),
         )
 
-
-def _toRollBack(uow: UnitOfWork, report: Report, names: Sequence[str], entry: FailedUOW | None) -> list[str]:
-    """
-    The stashes to roll back after a failed attempt, last configured first.
-
-    On a UOW's first attempt, every one but those that refused it (a 4xx:
-    they stored nothing). On a later attempt, every one: a refusal says this
-    attempt stored nothing, but an earlier one may have stored there and
-    not been rolled back, if a crash cut it short (its fail queue entry
-    cannot say so) or its rollback failed.
-    """
-    if uow.isRetry:
-        return list(reversed(names))
-    return [name for name in reversed(names) if name not in report.verdicts or not report.verdicts[name].refused]

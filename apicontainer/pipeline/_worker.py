@@ -4,17 +4,24 @@ Stash workers: each reads one stash's routing queue and calls the stash.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 from attrs import evolve, frozen
 from twisted.internet import defer, error
-from twisted.internet.defer import CancelledError, Deferred, DeferredQueue, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredQueue,
+    DeferredSemaphore,
+    maybeDeferred,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .._crashpoints import reach
 from .._multipart import MultipartError
-from ..interfaces import IStash
+from ..interfaces import IBatchStash, IStash
 from ..uow import UnitOfWork, Verdict, VerdictKind
 from ._deadlines import Deadlines
 from ._metrics import Metrics
@@ -23,22 +30,23 @@ from ._metrics import Metrics
 @frozen
 class Delivery:
     """
-    A UOW on a routing queue, with the Deferred that fires with the stash's
-    verdict.
+    A batch of UOWs on a routing queue (no two on one key, in UOW id order),
+    with the Deferred that fires with the stash's verdicts, one per UOW.
     """
 
-    uow: UnitOfWork
-    verdict: Deferred[Verdict]
+    uows: Sequence[UnitOfWork]
+    verdicts: Deferred[list[Verdict]]
 
 
 class StashWorker:
     """
     Calls one stash for each delivery on its routing queue, with at most
     C{concurrency} calls under way, each bounded by C{timeout} seconds on
-    C{clock}.
+    C{clock}: a stash that provides L{IBatchStash} once for the whole batch,
+    any other once for each of its UOWs.
 
-    Whatever the stash does, the delivery's Deferred fires with a verdict: an
-    exception is a 500 verdict, a timeout a 504.
+    Whatever the stash does, the delivery's Deferred fires with a verdict
+    for each UOW: an exception is a 500 verdict, a timeout a 504.
 
     @ivar queue: The routing queue, a C{DeferredQueue} of L{Delivery}.
     """
@@ -61,9 +69,14 @@ class StashWorker:
             body is a 400.
         """
         self.stash = stash
+        # The stash, if it takes a batch in one call.
+        self.batched: IBatchStash | None = cast(IBatchStash, stash) if IBatchStash.providedBy(stash) else None
         self.queue: DeferredQueue[Delivery] = DeferredQueue()
         self._clock = clock
         self._concurrency = concurrency
+        # A stash called once per UOW: at most this many calls at once, over
+        # all batches.
+        self._limit = DeferredSemaphore(concurrency)
         self.timeout = timeout
         self.part = part
         self._metrics = metrics
@@ -96,31 +109,93 @@ class StashWorker:
                 delivery = await self.queue.get()
             except CancelledError:
                 return
-            verdict = await self.call(delivery.uow)
-            if verdict.kind is VerdictKind.stored:
-                reach(f"stored:{self.name}")
-            delivery.verdict.callback(verdict)
+            verdicts = await self.callBatch(delivery.uows)
+            for verdict in verdicts:
+                if verdict.kind is VerdictKind.stored:
+                    reach(f"stored:{self.name}")
+            delivery.verdicts.callback(verdicts)
 
     async def call(self, uow: UnitOfWork) -> Verdict:
         """
         Ask the stash for its verdict on C{uow}, within the timeout.
         """
-        started = self._clock.seconds()
-        verdict = await self._call(uow)
-        if self._metrics is not None:
-            self._metrics.of(self._metrics.latency, self.name).observe(self._clock.seconds() - started)
-            self._metrics.of(self._metrics.verdicts, self.name, verdict.kind.value, verdict.status).inc()
+        (verdict,) = await self.callBatch([uow])
         return verdict
 
+    async def callBatch(self, uows: Sequence[UnitOfWork]) -> list[Verdict]:
+        """
+        Ask the stash for its verdict on each of C{uows}, within the
+        timeout.
+        """
+        started = self._clock.seconds()
+        verdicts: list[Verdict | None] = []
+        asked: list[UnitOfWork] = []
+        for uow in uows:
+            verdict, uow = self._part(uow)
+            verdicts.append(verdict)
+            if verdict is None:
+                asked.append(uow)
+        if not asked:
+            answers: list[Verdict] = []
+        elif self.batched is not None:
+            answers = await self._callBatch(asked)
+        else:
+            calls = [self._limit.run(lambda uow: Deferred.fromCoroutine(self._call(uow)), uow) for uow in asked]
+            answers = [verdict for _, verdict in await DeferredList(calls)]
+        given = iter(answers)
+        final = [verdict if verdict is not None else next(given) for verdict in verdicts]
+        if self._metrics is not None:
+            latency = self._clock.seconds() - started
+            for verdict in final:
+                self._metrics.of(self._metrics.latency, self.name).observe(latency)
+                self._metrics.of(self._metrics.verdicts, self.name, verdict.kind.value, verdict.status).inc()
+        return final
+
+    def _part(self, uow: UnitOfWork) -> tuple[Verdict | None, UnitOfWork]:
+        """
+        The verdict on C{uow} without asking the stash, if it has one: a
+        UOW without the stash's C{part} is declined, one whose multipart
+        body is malformed is a 400. Otherwise the UOW to send, with only
+        that part as its body.
+        """
+        if self.part is None or uow.isDelete:
+            return None, uow
+        try:
+            found = uow.part(self.part)
+        except MultipartError as e:
+            return Verdict.failed(400, str(e)), uow
+        if found is None:
+            return Verdict.declined(f"no part named {self.part!r}"), uow
+        return None, evolve(uow, body=found.body, contentType=found.contentType, _parts={}, _digest=None)
+
+    async def _callBatch(self, uows: Sequence[UnitOfWork]) -> list[Verdict]:
+        assert self.batched is not None
+        attempt = self.deadlines.watch(maybeDeferred(self.batched.stashBatch, uows), self.timeout)
+        ids = ", ".join(str(uow.id) for uow in uows)
+        try:
+            verdicts = await attempt
+        except (defer.TimeoutError, error.TimeoutError):
+            self.log.warn(
+                "stash {stash} timed out on UOWs {uows} after {timeout}s",
+                stash=self.name,
+                uows=ids,
+                timeout=self.timeout,
+            )
+            return [Verdict.failed(504, f"timed out after {self.timeout:g}s")] * len(uows)
+        except Exception as e:
+            self.log.failure("stash {stash} raised on UOWs {uows}", stash=self.name, uows=ids)
+            return [Verdict.failed(500, f"{type(e).__name__}: {e}")] * len(uows)
+        if len(verdicts) != len(uows) or not all(isinstance(verdict, Verdict) for verdict in verdicts):
+            self.log.error(
+                "stash {stash} answered UOWs {uows} with {answer!r}, not a Verdict each",
+                stash=self.name,
+                uows=ids,
+                answer=verdicts,
+            )
+            return [Verdict.failed(500, "the stash gave no verdict")] * len(uows)
+        return list(verdicts)
+
     async def _call(self, uow: UnitOfWork) -> Verdict:
-        if self.part is not None and not uow.isDelete:
-            try:
-                found = uow.part(self.part)
-            except MultipartError as e:
-                return Verdict.failed(400, str(e))
-            if found is None:
-                return Verdict.declined(f"no part named {self.part!r}")
-            uow = evolve(uow, body=found.body, contentType=found.contentType, _parts={}, _digest=None)
         attempt = self.deadlines.watch(maybeDeferred(self.stash.stash, uow), self.timeout)
         try:
             verdict = await attempt

@@ -125,7 +125,7 @@ def makeService(options: Options) -> IService:
         _refuse(problem)
     processes = reactor if IReactorProcess.providedBy(reactor) else None
     container = Container(
-        config, stashes, reactor, context.blocking, serial=pools.runner("state"), processes=processes
+        config, stashes, reactor, context.blocking, serial=pools.runner("state"), processes=processes, turns=reactor
     )
     try:
         container.open()

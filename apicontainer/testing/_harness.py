@@ -63,10 +63,15 @@ class ContainerHarness:
         concurrency: int = 16,
         tokens: BearerTokens | None = None,
         uniform: Callable[[], float] = lambda: 1.0,
+        batches: bool = False,
     ) -> None:
         """
         @param uniform: The random source of retry jitter; by default none is
             taken off, so retries come exactly on the policy's schedule.
+        @param batches: Settle the requests sent between two moves of the
+            clock as one batch, as the server does those that arrive in one
+            turn of its reactor (then C{clock.advance(0)} lets them go); by
+            default each request goes on its own at once.
         """
         self.clock = Clock()
         names = [stash.name for stash in stashes]
@@ -96,7 +101,12 @@ class ContainerHarness:
             ),
         )
         self.container = Container(
-            config, dict(zip(names, stashes)), self.clock, inline, uniform=uniform
+            config,
+            dict(zip(names, stashes)),
+            self.clock,
+            inline,
+            uniform=uniform,
+            turns=self.clock if batches else None,
         )
         self.container.open()
         # Fires once the stashes are started and recovery is done; with

@@ -13,12 +13,12 @@ from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from apicontainer.web._auth import BearerTokens
 from apicontainer.config import Limits
+from apicontainer.pipeline._stashcalls import CommitFailed
 from apicontainer.storage._failqueue import RetryPolicy
-from apicontainer.pipeline._fanout import CommitFailed
 from apicontainer.testing import ContainerHarness, MemoryStash
 from apicontainer.uow import Verdict
+from apicontainer.web._auth import BearerTokens
 
 
 class PipelineTestCase(SynchronousTestCase):
@@ -436,8 +436,8 @@ class OrderingTests(PipelineTestCase):
         from apicontainer.blocking import inline
         from apicontainer.pipeline._frontqueue import FrontQueue
         from apicontainer.storage._spool import SpoolError
-        from apicontainer.uow import UnitOfWork
         from apicontainer.storage._uowids import UOWIds
+        from apicontainer.uow import UnitOfWork
 
         class FlakySpool:
             def write(self, uow: UnitOfWork) -> Deferred[UnitOfWork]:
