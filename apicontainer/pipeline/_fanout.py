@@ -222,13 +222,8 @@ class Fanout:
             reports = await self._calls.deliver(uows, routing)
             stored = [(uow, report) for uow, report in zip(uows, reports) if report.outcome is Status.stored]
             uncommitted = await self._calls.commitBatch([uow for uow, _ in stored], routing)
-            recorded = await self._recordBatch(
-                [
-                    (uow, report)
-                    for uow, report in stored
-                    if uow.id not in uncommitted and self._failQueue.get(uow.id) is None
-                ]
-            )
+            done = [(u, r) for u, r in stored if u.id not in uncommitted and self._failQueue.get(u.id) is None]
+            recorded = await self._recordBatch(done)
         except Exception:
             # A fault of the pipeline's own: each UOW is settled alone, from
             # the start (a stash's stash and commit are idempotent).
@@ -264,6 +259,7 @@ class Fanout:
         """
         if isinstance(outcome, Failure):
             outcome.raiseException()
+        self._idempotency.release(uow)
         self._finished(uow, Status.stored, report, outcome)
         return report
 
@@ -401,8 +397,8 @@ class Fanout:
         # Without a fail queue entry to drop first (the common case), the
         # spool file goes in the journal's batch, right after the record.
         removal = await self._journal.settle(record, removeSpool=entry is None)
+        self._idempotency.release(uow)
         if entry is not None:
-            self._idempotency.release(uow)
             await self._failQueue.drop(uow.id)
             reach("before-spool-delete")
             try:
@@ -413,10 +409,10 @@ class Fanout:
 
     def _finished(self, uow: UnitOfWork, state: Status, report: Report, removal: Exception | None) -> None:
         """
-        The end of L{_finish}, once the final state is durable and the spool
-        file removed (or its removal failed with C{removal}).
+        The end of L{_finish}, once the final state is durable (and the
+        C{Idempotency-Key} released) and the spool file removed, or its
+        removal failed with C{removal}.
         """
-        self._idempotency.release(uow)
         if removal is not None:
             # Settled all the same; recovery finds the final state and cleans up.
             self.log.failure("spool file of UOW {uow} could not be deleted", Failure(removal), uow=uow.id)

@@ -50,6 +50,22 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual([h.admin("GET", f"/_uow/{n}").json()["state"] for n in (1, 2, 3)], ["stored"] * 3)
         self.assertEqual(list((self.dataDir / "spool").iterdir()), [])
 
+    def test_idempotencyKeysOfABatch(self) -> None:
+        """
+        Requests of one batch with Idempotency-Keys: once stored, a resend
+        of either gets its first answer again, and makes no new UOW.
+        """
+        a = BatchMemoryStash("a")
+        h = self.build(a)
+        first = [h.send("PUT", f"/items/{n}", b"x", {"Idempotency-Key": f"k{n}"}) for n in (1, 2)]
+        h.clock.advance(0)
+        answers = [h.result(r) for r in first]
+        again = h.send("PUT", "/items/2", b"x", {"Idempotency-Key": "k2"})
+        h.clock.advance(0)
+        replay = h.result(again)
+        self.assertEqual((replay.code, replay.json()), (200, answers[1].json()))
+        self.assertEqual(a.batches, [("stashBatch", (1, 2)), ("commitBatch", (1, 2))])
+
     def test_withoutBatchesEachAlone(self) -> None:
         """
         Without C{batches}, each request goes on its own, at once (a batch
