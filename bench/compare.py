@@ -2,9 +2,11 @@
 Compare two revisions of the server in alternating rounds.
 
     .venv/bin/python -m bench.compare BEFORE AFTER [--rounds 8] [--seconds 8]
+        [--concurrency 32] [--body 1024] [--stashes 2] [--failing]
 
 BEFORE and AFTER are git revisions of this checkout (or C{.} for the working
-tree as it is). Each round runs the c=32, 1 KiB, 2-stash case once on each,
+tree as it is). Each round runs one case of C{bench.run} (by default c=32,
+1 KiB, 2 stashes; C{--failing}: one request in ten refused) once on each,
 the order swapped every round (AB, BA, AB, ...), each on a server started as
 C{bench.run} starts it, with that revision's C{apicontainer} package first on
 C{PYTHONPATH} and this checkout's environment for everything else. On a
@@ -97,6 +99,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0, help="per run (default 8)")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--body", type=int, default=1024, help="bytes (default 1024)")
+    parser.add_argument("--stashes", type=int, default=2)
+    parser.add_argument("--failing", action="store_true", help="one request in ten refused, as in bench.run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
@@ -114,7 +119,8 @@ def main() -> None:
         for round in range(args.rounds):
             order = [args.before, args.after] if round % 2 == 0 else [args.after, args.before]
             for revision in order:
-                result = server(work, args.concurrency, 1024, 2, False, args.seconds, environment(trees[revision]))
+                result = server(work, args.concurrency, args.body, args.stashes, args.failing, args.seconds,
+                                environment(trees[revision]))
                 results[revision].append(result)
                 print(f"round {round + 1} {revision}: {result['rps']:.0f} req/s, p99 {result['p99']:.1f} ms,"
                       f" CPU {result['cpu_ms']:.2f} ms/req, non-2xx {result['non2xx']}", flush=True)
