@@ -127,7 +127,6 @@ class StashWorker:
         Ask the stash for its verdict on each of C{uows}, within the
         timeout.
         """
-        started = self._clock.seconds()
         verdicts: list[Verdict | None] = []
         asked: list[UnitOfWork] = []
         for uow in uows:
@@ -135,21 +134,26 @@ class StashWorker:
             verdicts.append(verdict)
             if verdict is None:
                 asked.append(uow)
-        if not asked:
-            answers: list[Verdict] = []
-        elif self.batched is not None:
-            answers = await self._callBatch(asked)
-        else:
-            calls = [self._limit.run(lambda uow: Deferred.fromCoroutine(self._call(uow)), uow) for uow in asked]
-            answers = [verdict for _, verdict in await DeferredList(calls)]
+        answers: list[tuple[Verdict, float]] = []
+        if asked and self.batched is not None:
+            started = self._clock.seconds()
+            batch = await self._callBatch(asked)
+            answers = [(verdict, self._clock.seconds() - started) for verdict in batch]
+        elif asked:
+            calls = [self._limit.run(lambda uow: Deferred.fromCoroutine(self._timed(uow)), uow) for uow in asked]
+            answers = [answer for _, answer in await DeferredList(calls)]
         given = iter(answers)
-        final = [verdict if verdict is not None else next(given) for verdict in verdicts]
+        final = [(verdict, 0.0) if verdict is not None else next(given) for verdict in verdicts]
         if self._metrics is not None:
-            latency = self._clock.seconds() - started
-            for verdict in final:
-                self._metrics.of(self._metrics.latency, self.name).observe(latency)
+            for verdict, seconds in final:
+                self._metrics.of(self._metrics.latency, self.name).observe(seconds)
                 self._metrics.of(self._metrics.verdicts, self.name, verdict.kind.value, verdict.status).inc()
-        return final
+        return [verdict for verdict, _ in final]
+
+    async def _timed(self, uow: UnitOfWork) -> tuple[Verdict, float]:
+        started = self._clock.seconds()
+        verdict = await self._call(uow)
+        return verdict, self._clock.seconds() - started
 
     def _part(self, uow: UnitOfWork) -> tuple[Verdict | None, UnitOfWork]:
         """
