@@ -6,6 +6,7 @@ No speed is asserted here (docs/benchmarks.md holds the figures).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,21 @@ def test_countPerRequest() -> None:
     server, klein = rows["api-container"], rows["Klein app that stores nothing"]
     assert len(server) == 6 and all(value > 0 for value in server)
     assert server[0] > klein[0] and server[2] > klein[2]  # calls, Deferreds
+
+
+def test_pipelineWithoutHTTP() -> None:
+    """
+    `python -m bench.pipeline` measures the server over HTTP and its
+    pipeline driven from inside its process, every write settled.
+    """
+    needWrk()
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--rounds", "1", "--seconds", "1"],
+        cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("round 1:")]
+    assert line.endswith("failed 0"), line
+    overHTTP, withoutHTTP = (int(n) for n in re.findall(r"(\d+) writes/s", line))
+    assert overHTTP > 0 and withoutHTTP > 0, line
+    assert "without HTTP: " in result.stdout
