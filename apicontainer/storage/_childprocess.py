@@ -150,8 +150,11 @@ class CallBatch:
         for index, count, many in self._owners:
             theirs = outcomes[start : start + count]
             start += count
-            ok, value = theirs[0]
-            self._answers[index] = manyAnswer(theirs, each) if many else one(value) if ok else refusal(value)
+            if many:
+                self._answers[index] = manyAnswer(theirs, each)
+            else:
+                ((ok, value),) = theirs
+                self._answers[index] = one(value) if ok else refusal(value)
         self._operations, self._owners = [], []
 
 

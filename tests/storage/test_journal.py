@@ -23,13 +23,12 @@ from twisted.internet.task import deferLater
 
 from apicontainer.blocking import inline
 from apicontainer.storage._childprotocol import frames, refused
-from apicontainer.storage._journal import _SPOOL_ERRORS, ProcessJournal
+from apicontainer.storage._journal import _SPOOL_ERRORS, ProcessJournal, _answers, _recordFields
 from apicontainer.storage._spool import Spool, SpoolError, SpoolFull
 from apicontainer.storage._spoolfile import fileName
 from apicontainer.storage._states import StateRecord, StateStore
 from apicontainer.testing import contractUOW
 from apicontainer.uow import INLINE_BODY_BYTES, Report, SpooledBody, Status, UnitOfWork, Verdict
-
 from tests.conftest import holdsBytes
 
 pytestmark = pytest.mark.process
@@ -126,6 +125,57 @@ async def test_aStopEmptiesTheSpares(server: Server) -> None:
     assert await settled == [None] * 20
     spares = list((server.data / "spares").iterdir())
     assert (len(spares), [holdsBytes(spare) for spare in spares]) == (20, [False] * 20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_settleBatch(server: Server) -> None:
+    """
+    Many final states settled in one call through the child are each
+    recorded and each spool file removed, with one outcome per record; an
+    empty batch is answered too, and the child stays in step.
+    """
+    await server.journal.start()
+    try:
+        uows = [sample(n) for n in range(1, 6)]
+        await gatherResults([server.journal.write(uow) for uow in uows])
+        assert await server.journal.settleBatch([stored(uow) for uow in uows]) == [None] * 5
+        for uow in uows:
+            assert await server.states.get(uow.id) == stored(uow)
+        assert server.spooled() == []
+        assert await server.journal.settleBatch([]) == []
+        assert await server.journal.settle(stored(sample(9)), removeSpool=False) is None
+    finally:
+        await server.journal.stop()
+
+
+def test_settleBatchOutcomes(tmp_path: Path) -> None:
+    """
+    In the child, a removal that fails is the outcome of its own record
+    only (the record is durable), and a record that cannot be written is
+    refused alone.
+    """
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine", inline, tmp_path / "spares")
+    spool.open()
+    states = StateStore(tmp_path / "state.sqlite3", inline)
+    states.open()
+    remove = spool.remove
+
+    def failOn3(uowId: int, empty: bool = True) -> None:
+        if uowId == 3:
+            raise OSError("the disk went away")
+        remove(uowId, empty)
+
+    spool.remove = failOn3  # type: ignore[method-assign]
+    records = [_recordFields(stored(sample(n))) for n in (1, 2, 3)]
+    records.append(["not a UOW id", *records[0][1:]])
+    [(head, _)] = frames(bytearray(_answers(spool, states, [({"op": "states", "records": records}, b"")])[0]))
+    assert head["results"][:3] == [[True, None], [True, None], [True, "the disk went away"]]
+    assert head["results"][3][0] is False
+    found: list[object] = []
+    for n in (1, 2, 3):
+        states.get(n).addCallback(found.append)
+    assert found == [stored(sample(n)) for n in (1, 2, 3)]
+    states.close()
 
 
 @pytest_twisted.ensureDeferred
