@@ -5,7 +5,7 @@ UOW or of a batch, each within its stash's timeout.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -46,10 +46,7 @@ class StashCalls:
         Put C{uows} on the routing queue of each stash of their routes, as
         one delivery per stash, and gather each UOW's report.
         """
-        batches: dict[str, list[int]] = {}
-        for index, uow in enumerate(uows):
-            for name in routing.routes[uow.route]:
-                batches.setdefault(name, []).append(index)
+        batches = _byStash(uows, routing)
         pending = []
         for name, indexes in batches.items():
             delivery = Delivery([uows[index] for index in indexes], Deferred())
@@ -100,18 +97,9 @@ class StashCalls:
         @return: For each UOW whose commit failed on some stash, those
             stashes.
         """
-        batches: dict[str, list[UnitOfWork]] = {}
-        for uow in uows:
-            for name in routing.routes[uow.route]:
-                batches.setdefault(name, []).append(uow)
+        batches = {name: [uows[index] for index in indexes] for name, indexes in _byStash(uows, routing).items()}
         calls = [self.commitOn(name, batch, routing) for name, batch in batches.items()]
-        if len(calls) > 1:
-
-            def firstCommitted(oks: list[bool]) -> list[bool]:
-                reach("during-commit")
-                return oks
-
-            calls[0].addCallback(firstCommitted)
+        _duringCommit(calls)
         uncommitted: dict[int, list[str]] = {}
         for (name, batch), (_, oks) in zip(batches.items(), await DeferredList(calls)):
             for uow, ok in zip(batch, oks):
@@ -161,13 +149,7 @@ class StashCalls:
         """
         if step == "commit":
             calls = [self.onStash(step, uow, name, routing) for name in names]
-            if len(calls) > 1:
-
-                def firstCommitted(ok: bool) -> bool:
-                    reach("during-commit")
-                    return ok
-
-                calls[0].addCallback(firstCommitted)
+            _duringCommit(calls)
             done = await DeferredList(calls)
             return [name for name, (_, ok) in zip(names, done) if not ok]
         failed = []
@@ -202,6 +184,32 @@ class StashCalls:
 
         call = worker.deadlines.watch(maybeDeferred(getattr(worker.stash, step), uow), worker.timeout)
         return call.addCallbacks(lambda _: True, failed)
+
+
+def _byStash(uows: Sequence[UnitOfWork], routing: Routing) -> dict[str, list[int]]:
+    """
+    The indexes in C{uows} of the UOWs whose route has each stash, by
+    stash name.
+    """
+    batches: dict[str, list[int]] = {}
+    for index, uow in enumerate(uows):
+        for name in routing.routes[uow.route]:
+            batches.setdefault(name, []).append(index)
+    return batches
+
+
+def _duringCommit(calls: list[Deferred[Any]]) -> None:
+    """
+    Reach the C{during-commit} crash point once the first of several
+    commits (on different stashes) has answered.
+    """
+
+    def reached(result: object) -> object:
+        reach("during-commit")
+        return result
+
+    if len(calls) > 1:
+        calls[0].addCallback(reached)
 
 
 def toRollBack(uow: UnitOfWork, report: Report, names: Sequence[str], entry: FailedUOW | None) -> list[str]:

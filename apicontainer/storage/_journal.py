@@ -131,14 +131,17 @@ def _record(fields: list[Any]) -> StateRecord:
 # The child.
 
 
-def _answer(value: Any) -> bytes:
-    if isinstance(value, Exception):  # a removal that failed
-        return frame({"ok": True, "removal": str(value) or type(value).__name__})
-    return frame({"ok": True})
-
-
 def _removalText(value: Any) -> str | None:
+    """
+    The error of a removal that failed (an exception as the outcome of a
+    final state's operation), if it did.
+    """
     return (str(value) or type(value).__name__) if isinstance(value, Exception) else None
+
+
+def _answer(value: Any) -> bytes:
+    removal = _removalText(value)
+    return frame({"ok": True} if removal is None else {"ok": True, "removal": removal})
 
 
 def _answers(spool: Spool, states: StateStore, calls: list[Answer]) -> list[bytes]:
